@@ -1,0 +1,63 @@
+"""Parameter counts per preset: `python -m benchmarks.sizes [--vocab_size N] [--json OUT]`.
+
+Prints the README's markdown table (vision / projector / decoder / total, tied lm_head counted
+once) next to the paper's totals. Models are built on the meta device: nothing is allocated.
+"""
+
+import argparse
+import json
+
+import torch
+
+from modeling_nanovlm import PRESETS, NanoVLMConfig, NanoVLMForConditionalGeneration
+
+PAPER_TOTALS_M = {"mini": 5, "base": 16, "large": 25}
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def preset_sizes(**overrides) -> dict[str, dict[str, int]]:
+    sizes = {}
+    for name in PRESETS:
+        with torch.device("meta"):
+            model = NanoVLMForConditionalGeneration(NanoVLMConfig.from_preset(name, **overrides))
+        inner = model.model
+        sizes[name] = {
+            "vision": count(inner.vision_tower),
+            "projector": count(inner.multi_modal_projector),
+            "decoder": count(inner.language_model),
+            "embedding": inner.language_model.embed_tokens.weight.numel(),
+            "total": count(model),
+        }
+    return sizes
+
+
+def markdown(sizes: dict) -> str:
+    rows = ["| preset | vision | projector | decoder (embedding) | total | paper |", "|---|---|---|---|---|---|"]
+    for name, s in sizes.items():
+        paper = PAPER_TOTALS_M[name]
+        rows.append(
+            f"| {name} | {s['vision'] / 1e6:.2f}M | {s['projector'] / 1e6:.2f}M | "
+            f"{s['decoder'] / 1e6:.2f}M ({s['embedding'] / 1e6:.2f}M) | {s['total'] / 1e6:.2f}M | "
+            f"~{paper}M ({(s['total'] / 1e6 - paper) / paper:+.0%}) |"
+        )
+    return "\n".join(rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab_size", type=int, default=NanoVLMConfig().vocab_size)
+    parser.add_argument("--json", help="also write the counts to this JSON file")
+    args = parser.parse_args()
+    sizes = preset_sizes(vocab_size=args.vocab_size)
+    print(f"vocab_size={args.vocab_size}\n")
+    print(markdown(sizes))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"vocab_size": args.vocab_size, "presets": sizes}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""NanoVLM configuration: one class, three presets from the paper (arXiv 2502.07838, Table 1).
+
+The text side uses transformers' standard names (`hidden_size`, `num_hidden_layers`, ...) so that
+`DynamicCache(config=...)`, `generate()` and tooling find them; the vision side carries a `vision_`
+prefix. This file is shipped to the Hub as remote code: it imports only transformers and stdlib.
+"""
+
+from transformers import PreTrainedConfig
+
+# The paper's Table 1. Decoder heads x head size = text dim. The paper leaves the tokenizer, the
+# MLP ratio (we use 4), the vision heads (we use 8) and the conv stem open. With the default
+# vocabulary of 25,000 BPE tokens (tied input/output embedding) the totals land near the paper's;
+# `python -m benchmarks.sizes` prints the table and tests/test_modeling.py checks it.
+PRESETS = {
+    # 5.04M: vision 2.12M, projector 0.04M, decoder 2.88M (2.40M of it the embedding)
+    "mini": dict(
+        vision_hidden_size=400, vision_num_hidden_layers=1, vision_num_attention_heads=8,
+        hidden_size=96, num_hidden_layers=4, num_attention_heads=8,
+    ),
+    # 14.59M: vision 9.69M, projector 0.07M, decoder 4.83M (3.20M of it the embedding)
+    "base": dict(
+        vision_hidden_size=512, vision_num_hidden_layers=3, vision_num_attention_heads=8,
+        hidden_size=128, num_hidden_layers=8, num_attention_heads=8,
+    ),
+    # 25.41M: vision 16.00M, projector 0.10M, decoder 9.31M (4.80M of it the embedding)
+    "large": dict(
+        vision_hidden_size=512, vision_num_hidden_layers=5, vision_num_attention_heads=8,
+        hidden_size=192, num_hidden_layers=10, num_attention_heads=16,
+    ),
+}
+
+VISION_FEATURE_SELECTS = ("cls", "pooled", "all")
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_nanovlm.NanoVLMConfig",
+    "AutoModel": "modeling_nanovlm.NanoVLMModel",
+    "AutoModelForImageTextToText": "modeling_nanovlm.NanoVLMForConditionalGeneration",
+}
+CUSTOM_PIPELINES = {
+    "image-to-text": {
+        "impl": "processing_nanovlm.NanoVLMImageToTextPipeline",
+        "pt": ["AutoModelForImageTextToText"],
+        "type": "multimodal",
+    }
+}
+
+
+class NanoVLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of a NanoVLM: a ViT-style image encoder with a conv stem, a Linear+GELU projector
+    and a small causal decoder that reads the projected image features as a prefix.
+
+    Build one from a preset with `NanoVLMConfig.from_preset("base", vocab_size=...)`.
+
+    vision_feature_select:
+        Which encoder outputs the decoder sees: `"cls"` (the paper: one token from [CLS]),
+        `"pooled"` (a `vision_pool_size` x `vision_pool_size` average-pooled grid of patch tokens) or
+        `"all"` ([CLS] and every patch token).
+    vision_stem_channels:
+        Width of the conv stem's second conv. The stem is conv(3 -> c/4, k=4, s=4) -> GELU ->
+        conv(c/4 -> c, k=p/4, s=p/4) -> LayerNorm -> ReLU -> Linear(c -> vision_hidden_size):
+        a 16x16 patch becomes a token through two small non-overlapping convolutions instead of
+        one big linear map, which gives the encoder a local, translation-equivariant first step.
+    max_position_embeddings:
+        Size of the decoder's learned position table; it covers the visual prefix and the text.
+    """
+
+    model_type = "nanovlm"
+
+    def __init__(
+        self,
+        # text decoder (standard names)
+        vocab_size=25000,
+        hidden_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        intermediate_size=None,
+        max_position_embeddings=320,
+        hidden_act="gelu",
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+        layer_norm_eps=1e-5,
+        initializer_range=0.02,
+        use_cache=True,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        # vision encoder
+        image_size=224,
+        patch_size=16,
+        num_channels=3,
+        vision_hidden_size=512,
+        vision_num_hidden_layers=3,
+        vision_num_attention_heads=8,
+        vision_intermediate_size=None,
+        vision_stem_channels=128,
+        vision_feature_select="cls",
+        vision_pool_size=7,
+        preset=None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size or 4 * hidden_size
+        self.max_position_embeddings = max_position_embeddings
+        self.hidden_act = hidden_act
+        self.hidden_dropout = hidden_dropout
+        self.attention_dropout = attention_dropout
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.vision_hidden_size = vision_hidden_size
+        self.vision_num_hidden_layers = vision_num_hidden_layers
+        self.vision_num_attention_heads = vision_num_attention_heads
+        self.vision_intermediate_size = vision_intermediate_size or 4 * vision_hidden_size
+        self.vision_stem_channels = vision_stem_channels
+        self.vision_feature_select = vision_feature_select
+        self.vision_pool_size = vision_pool_size
+        self.preset = preset
+        # What `trust_remote_code=True` loads from a saved folder or Hub repo: the Auto classes and
+        # the "image-to-text" pipeline (transformers 5.2x otherwise redirects that task to
+        # "image-text-to-text", which requires a text prompt).
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        kwargs.setdefault("custom_pipelines", dict(CUSTOM_PIPELINES))
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+        self._validate()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "NanoVLMConfig":
+        """A config for one of the paper's presets (`mini`, `base`, `large`), with field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        return cls(**{**PRESETS[name], "preset": name, **overrides})
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_image_tokens(self) -> int:
+        """How many visual prefix tokens the decoder reads per image."""
+        return {"cls": 1, "pooled": self.vision_pool_size**2, "all": self.num_patches + 1}[self.vision_feature_select]
+
+    def _validate(self):
+        positive = (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings", "image_size", "patch_size", "num_channels", "vision_hidden_size",
+            "vision_num_hidden_layers", "vision_num_attention_heads", "vision_intermediate_size",
+            "vision_stem_channels", "vision_pool_size",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        for dim, heads in (("hidden_size", "num_attention_heads"), ("vision_hidden_size", "vision_num_attention_heads")):
+            if getattr(self, dim) % getattr(self, heads):
+                raise ValueError(f"{dim} ({getattr(self, dim)}) must be divisible by {heads} ({getattr(self, heads)})")
+        if self.patch_size % 4:
+            raise ValueError(f"patch_size must be a multiple of 4 (the conv stem's first stride), got {self.patch_size}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
+        if self.vision_stem_channels % 4:
+            raise ValueError(f"vision_stem_channels must be a multiple of 4, got {self.vision_stem_channels}")
+        if self.vision_feature_select not in VISION_FEATURE_SELECTS:
+            raise ValueError(
+                f"vision_feature_select must be one of {VISION_FEATURE_SELECTS}, got {self.vision_feature_select!r}"
+            )
+        grid = self.image_size // self.patch_size
+        if self.vision_pool_size > grid:
+            raise ValueError(f"vision_pool_size ({self.vision_pool_size}) must be at most the patch grid ({grid})")
+        if self.num_image_tokens >= self.max_position_embeddings:
+            raise ValueError(
+                f"max_position_embeddings ({self.max_position_embeddings}) must exceed the "
+                f"{self.num_image_tokens} visual prefix tokens of vision_feature_select={self.vision_feature_select!r}"
+            )

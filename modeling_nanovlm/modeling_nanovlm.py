@@ -1,0 +1,389 @@
+"""NanoVLM model: conv-stem ViT encoder -> Linear+GELU projector -> causal decoder.
+
+Reads top-down: attention, MLP and block (shared by both towers), the vision tower, the text
+decoder, the base model that joins them, and the captioning head. The decoder sees
+`[visual prefix ; token embeddings]`; logits and loss cover the text positions only.
+This file is shipped to the Hub as remote code: it imports only torch, transformers and stdlib.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.utils import ModelOutput
+
+from .configuration_nanovlm import NanoVLMConfig
+
+
+@dataclass
+class NanoVLMModelOutput(ModelOutput):
+    """Base model output. `last_hidden_state` covers the text positions only."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class NanoVLMCausalLMOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class NanoVLMAttention(nn.Module):
+    """Multi-head attention through `F.scaled_dot_product_attention`; causal or bidirectional."""
+
+    def __init__(self, hidden_size: int, num_heads: int, config: NanoVLMConfig, is_causal: bool, layer_idx=None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.is_causal = is_causal
+        self.layer_idx = layer_idx
+        self.dropout = config.attention_dropout
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.o_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None):
+        B, T, C = hidden_states.shape
+        shape = (B, T, self.num_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, past + T, hs)
+        # A mask, when given, already holds causality; without one a causal layer needs
+        # is_causal only when queries and keys line up (no cache, or a cache that is empty).
+        is_causal = self.is_causal and attention_mask is None and T > 1 and k.shape[2] == T
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class NanoVLMMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, config: NanoVLMConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class NanoVLMBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)), dropout on both residuals."""
+
+    def __init__(self, hidden_size, num_heads, intermediate_size, config: NanoVLMConfig, is_causal, layer_idx=None):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = NanoVLMAttention(hidden_size, num_heads, config, is_causal, layer_idx)
+        self.post_attention_layernorm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = NanoVLMMLP(hidden_size, intermediate_size, config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states, attention_mask=None, cache=None):
+        hidden_states = hidden_states + self.dropout(self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache))
+        return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision tower
+# ---------------------------------------------------------------------------------------------
+
+
+class NanoVLMVisionEmbeddings(nn.Module):
+    """Conv stem -> LayerNorm -> ReLU -> Linear, then [CLS] and learned positions.
+
+    conv1 (k=4, s=4) sees 4x4 pixel cells, conv2 (k=s=patch/4) merges 4x4 cells into one
+    patch: 224x224 -> 56x56 -> 14x14 = 196 tokens for 16x16 patches. Non-overlapping strides keep
+    the stem cheap (a few % of the encoder's FLOPs) while adding a nonlinearity inside each patch.
+    """
+
+    def __init__(self, config: NanoVLMConfig):
+        super().__init__()
+        c = config.vision_stem_channels
+        self.conv1 = nn.Conv2d(config.num_channels, c // 4, kernel_size=4, stride=4)
+        self.conv2 = nn.Conv2d(c // 4, c, kernel_size=config.patch_size // 4, stride=config.patch_size // 4)
+        self.stem_norm = nn.LayerNorm(c, eps=config.layer_norm_eps)
+        self.patch_proj = nn.Linear(c, config.vision_hidden_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.vision_hidden_size))
+        self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.vision_hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, pixel_values):
+        x = self.conv2(F.gelu(self.conv1(pixel_values)))  # (B, c, 14, 14)
+        x = x.flatten(2).transpose(1, 2)  # (B, 196, c)
+        x = self.patch_proj(F.relu(self.stem_norm(x)))  # (B, 196, vision_hidden)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.dropout(x + self.position_embedding)
+
+
+class NanoVLMVisionModel(nn.Module):
+    """Bidirectional pre-LN encoder; returns `(B, 1 + num_patches, vision_hidden_size)`."""
+
+    def __init__(self, config: NanoVLMConfig):
+        super().__init__()
+        self.embeddings = NanoVLMVisionEmbeddings(config)
+        self.layers = nn.ModuleList(
+            NanoVLMBlock(
+                config.vision_hidden_size, config.vision_num_attention_heads, config.vision_intermediate_size,
+                config, is_causal=False,
+            )
+            for _ in range(config.vision_num_hidden_layers)
+        )
+        self.post_layernorm = nn.LayerNorm(config.vision_hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values):
+        hidden_states = self.embeddings(pixel_values)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return self.post_layernorm(hidden_states)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text decoder
+# ---------------------------------------------------------------------------------------------
+
+
+class NanoVLMTextModel(nn.Module):
+    """Causal pre-LN decoder over input embeddings (visual prefix and tokens), learned positions."""
+
+    def __init__(self, config: NanoVLMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(
+            NanoVLMBlock(
+                config.hidden_size, config.num_attention_heads, config.intermediate_size, config,
+                is_causal=True, layer_idx=i,
+            )
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None):
+        hidden_states = self.dropout(inputs_embeds + self.embed_positions(position_ids))
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, cache)
+        return self.norm(hidden_states)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained models
+# ---------------------------------------------------------------------------------------------
+
+
+class NanoVLMPreTrainedModel(PreTrainedModel):
+    config_class = NanoVLMConfig
+    config: NanoVLMConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    _supports_sdpa = True
+    _no_split_modules = ["NanoVLMBlock"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, NanoVLMVisionEmbeddings):
+            init.normal_(module.cls_token, std=std)
+            init.normal_(module.position_embedding, std=std)
+        elif isinstance(module, NanoVLMBlock):
+            # GPT-2's scheme: residual projections scaled by 1/sqrt(2 * depth) keep the residual
+            # stream's variance flat at init.
+            depth = self.config.num_hidden_layers if module.self_attn.is_causal else self.config.vision_num_hidden_layers
+            for linear in (module.self_attn.o_proj, module.mlp.fc2):
+                init.normal_(linear.weight, std=std / (2 * depth) ** 0.5)
+
+
+class NanoVLMModel(NanoVLMPreTrainedModel):
+    """Vision tower + projector + decoder, without the LM head (the AutoModel class)."""
+
+    def __init__(self, config: NanoVLMConfig):
+        super().__init__(config)
+        self.vision_tower = NanoVLMVisionModel(config)
+        self.multi_modal_projector = nn.Sequential(nn.Linear(config.vision_hidden_size, config.hidden_size), nn.GELU())
+        self.language_model = NanoVLMTextModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.language_model.embed_tokens = value
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected visual prefix, `(B, config.num_image_tokens, hidden_size)`."""
+        self._check_pixel_values(pixel_values)
+        hidden = self.vision_tower(pixel_values.to(self.dtype))  # (B, 1 + N, vision_hidden)
+        select = self.config.vision_feature_select
+        if select == "cls":
+            hidden = hidden[:, :1]
+        elif select == "pooled":
+            B, N, C = hidden.shape
+            side = int((N - 1) ** 0.5)
+            grid = hidden[:, 1:].transpose(1, 2).reshape(B, C, side, side)
+            hidden = F.adaptive_avg_pool2d(grid, self.config.vision_pool_size).flatten(2).transpose(1, 2)
+        return self.multi_modal_projector(hidden)
+
+    def _check_pixel_values(self, pixel_values):
+        c, s = self.config.num_channels, self.config.image_size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (c, s, s):
+            raise ValueError(
+                f"pixel_values must have shape (batch, {c}, {s}, {s}), got {tuple(pixel_values.shape)}; "
+                "prepare images with NanoVLMProcessor"
+            )
+
+    def _check_input_ids(self, input_ids):
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise ValueError(
+                f"input_ids must be in [0, {self.config.vocab_size}) (the vocabulary size), got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]; was the text tokenized with this model's processor?"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> NanoVLMModelOutput:
+        if input_ids is None and inputs_embeds is None and pixel_values is None:
+            raise ValueError("NanoVLM needs an image (pixel_values), a prompt (input_ids) or both; got neither")
+        if inputs_embeds is None and input_ids is not None:
+            self._check_input_ids(input_ids)
+            inputs_embeds = self.language_model.embed_tokens(input_ids)
+        image_hidden_states = None
+        if pixel_values is not None:
+            image_hidden_states = self.get_image_features(pixel_values)
+            if inputs_embeds is None:
+                inputs_embeds = image_hidden_states.new_zeros(image_hidden_states.shape[0], 0, self.config.hidden_size)
+            if inputs_embeds.shape[0] != image_hidden_states.shape[0]:
+                raise ValueError(
+                    f"got {image_hidden_states.shape[0]} images but {inputs_embeds.shape[0]} prompts; pass one prompt per image"
+                )
+            inputs_embeds = torch.cat([image_hidden_states.to(inputs_embeds.dtype), inputs_embeds], dim=1)
+        num_prefix = 0 if image_hidden_states is None else image_hidden_states.shape[1]
+
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        B, T = inputs_embeds.shape[:2]
+
+        key_mask = self._key_mask(attention_mask, past, T, num_prefix)  # (B, past + T) or None
+        if key_mask is None:
+            position_ids = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
+        else:
+            position_ids = (key_mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"the decoder input has {past + T} positions ({num_prefix or 'cached'} image + text) but "
+                f"max_position_embeddings is {self.config.max_position_embeddings}; shorten the prompt or lower max_new_tokens"
+            )
+        mask = None if key_mask is None else self._additive_mask(key_mask, T, inputs_embeds.dtype)
+
+        hidden = self.language_model(inputs_embeds, position_ids, mask, cache)
+        return NanoVLMModelOutput(
+            last_hidden_state=hidden[:, num_prefix:],
+            cache=cache if use_cache else None,
+            image_hidden_states=image_hidden_states,
+        )
+
+    @staticmethod
+    def _key_mask(attention_mask, past, T, num_prefix):
+        """Which of the past + T keys are real tokens, or None when plain causal attention is exact.
+
+        `attention_mask` covers the text only (as the processor and `generate()` build it); the
+        visual prefix, present or cached, is always attended. A right-padded batch needs no mask:
+        pads come after every real token, so causal attention never lets a real token see one.
+        """
+        if attention_mask is None:
+            return None
+        attention_mask = attention_mask.bool()
+        if past == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            return None
+        prefix = past + T - attention_mask.shape[1]  # image positions, now or in the cache
+        if prefix < 0 or (past == 0 and prefix != num_prefix):
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[1]} columns but the text has {T - num_prefix} tokens"
+                f"{f' after {past} cached positions' if past else ''}; pass the processor's attention_mask"
+            )
+        ones = attention_mask.new_ones(attention_mask.shape[0], prefix)
+        return torch.cat([ones, attention_mask], dim=1).long()
+
+    @staticmethod
+    def _additive_mask(key_mask, T, dtype):
+        """(B, 1, T, K) float mask: causal over the last T queries and blocking padded keys."""
+        K = key_mask.shape[1]
+        causal = torch.ones(T, K, dtype=torch.bool, device=key_mask.device).tril(K - T)
+        allowed = causal[None, None] & key_mask[:, None, None, :].bool()
+        # A pad query may see no key at all; a finite minimum (not -inf) keeps its row from NaN.
+        return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
+    """NanoVLM with a tied LM head: captions an image, or continues a prompt about it."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: NanoVLMConfig):
+        super().__init__(config)
+        self.model = NanoVLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def get_image_features(self, pixel_values):
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> NanoVLMCausalLMOutput:
+        """`labels` align with `input_ids` (-100 = ignored); the loss is transformers' causal-LM loss."""
+        outputs = self.model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache,
+        )
+        hidden = outputs.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T, vocab)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return NanoVLMCausalLMOutput(
+            loss=loss, logits=logits, cache=outputs.cache, image_hidden_states=outputs.image_hidden_states
+        )
+
+
+__all__ = ["NanoVLMPreTrainedModel", "NanoVLMModel", "NanoVLMForConditionalGeneration"]

@@ -1,0 +1,137 @@
+"""NanoVLM processor (image processor + BPE tokenizer) and its "image-to-text" pipeline.
+
+The image side is transformers' `ViTImageProcessorPil` (resize to 224x224, rescale, normalize);
+this file only turns any PIL mode, EXIF orientation or file into an upright RGB image first.
+The tokenizer is a byte-level BPE `PreTrainedTokenizerFast` whose post-processor adds `<bos>`, so
+an empty prompt means "caption this image". Shipped to the Hub as remote code: imports only
+torch, transformers, PIL (a transformers image dependency), numpy and stdlib.
+"""
+
+import os
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers import Pipeline, ProcessorMixin
+from transformers.feature_extraction_utils import BatchFeature
+
+# Renders the text of every message: NanoVLM is a captioner, so a chat is just the text to
+# continue (empty for "describe the image"); image entries become pixel_values.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def to_rgb(image, name="image") -> Image.Image:
+    """An upright 8-bit RGB copy of a PIL image or an image file; `ValueError` naming what failed."""
+    if isinstance(image, (str, os.PathLike)):
+        name = os.fspath(image)
+        try:
+            with Image.open(name) as opened:
+                opened.load()
+                image = opened.copy() if opened.mode != "P" else opened.convert("RGBA")
+        except FileNotFoundError:
+            raise ValueError(f"{name}: no such image file") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise ValueError(f"{name} could not be decoded as an image ({err}); pass a JPEG/PNG/... file") from None
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"{name} must be a PIL image or a path to an image file, got {type(image).__name__}")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit (or 32-bit int) gray: convert("RGB") would clip everything above 255 to white.
+        array = np.asarray(image, dtype=np.float32) / (257.0 if image.mode.startswith("I;16") else 65793.0)
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels have arbitrary color values: lay the image on white, as a viewer shows it.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+class NanoVLMProcessor(ProcessorMixin):
+    """Turns images and/or text into `pixel_values`, `input_ids` and `attention_mask`.
+
+    Text is left-padded (what `generate()` needs); `batch_decode` drops special tokens.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=CHAT_TEMPLATE, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self.tokenizer.padding_side = "left"
+
+    def __call__(self, images=None, text=None, return_tensors="pt", padding=True, **kwargs) -> BatchFeature:
+        if images is None and text is None:
+            raise ValueError("NanoVLMProcessor needs images, text or both; got neither")
+        data = {}
+        if images is not None:
+            single = not isinstance(images, (list, tuple))
+            images = [images] if single else list(images)
+            if images and isinstance(images[0], (list, tuple)):  # one image per sample, as chat templates nest them
+                images = [image for group in images for image in group]
+            rgb = [to_rgb(image, f"image {i}") for i, image in enumerate(images)]
+            data.update(self.image_processor(rgb, return_tensors=return_tensors))
+            if text is None:
+                text = [""] * len(rgb)  # image-only captioning: the prompt is just <bos>
+        if text is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("images_kwargs", "text_kwargs")}
+            data.update(self.tokenizer(text, padding=padding, return_tensors=return_tensors, **kwargs))
+        if images is not None and "input_ids" in data and len(data["input_ids"]) != len(data["pixel_values"]):
+            raise ValueError(f"got {len(data['pixel_values'])} images but {len(data['input_ids'])} texts; pass one text per image")
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def batch_decode(self, sequences, skip_special_tokens=True, **kwargs):
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def decode(self, sequence, skip_special_tokens=True, **kwargs):
+        return self.tokenizer.decode(sequence, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
+class NanoVLMImageToTextPipeline(Pipeline):
+    """`pipeline("image-to-text", model=..., trust_remote_code=True)`: one caption per image.
+
+    Accepts a PIL image, a path, or a list of them (list in, list out); `prompt="I see"` continues
+    a description; generation settings go in `generate_kwargs` or as `max_new_tokens`.
+    """
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def _sanitize_parameters(self, prompt=None, max_new_tokens=None, generate_kwargs=None, **kwargs):
+        preprocess = {} if prompt is None else {"prompt": prompt}
+        generate_kwargs = dict(generate_kwargs or {}, **kwargs)
+        if max_new_tokens is not None:
+            generate_kwargs["max_new_tokens"] = max_new_tokens
+        return preprocess, {"generate_kwargs": generate_kwargs}, {}
+
+    def preprocess(self, image, prompt=""):
+        inputs = self.processor(images=image, text=[prompt], return_tensors="pt")
+        inputs["prompt"] = prompt
+        return inputs
+
+    def _forward(self, model_inputs, generate_kwargs=None):
+        prompt = model_inputs.pop("prompt")
+        prompt_length = model_inputs["input_ids"].shape[1]
+        generate_kwargs = dict(generate_kwargs or {})
+        generate_kwargs.setdefault("max_new_tokens", 96)
+        sequences = self.model.generate(**model_inputs, **generate_kwargs)
+        return {"new_tokens": sequences[:, prompt_length:], "prompt": prompt}
+
+    def postprocess(self, model_outputs):
+        prompt = model_outputs["prompt"]
+        texts = self.processor.batch_decode(model_outputs["new_tokens"])
+        return [{"generated_text": prompt + text} for text in texts]
+
+
+__all__ = ["NanoVLMProcessor", "NanoVLMImageToTextPipeline", "to_rgb"]

@@ -1,0 +1,33 @@
+"""Batches (image, text) examples into model inputs with labels for training."""
+
+from dataclasses import dataclass
+
+import torch
+
+from modeling_nanovlm import NanoVLMProcessor
+
+
+@dataclass
+class NanoVLMCollator:
+    """`[{"image": PIL, "text": str}, ...]` -> pixel_values, input_ids, attention_mask, labels.
+
+    Text becomes `<bos> text <eos>`, right-padded (the model then runs plain causal attention,
+    with no mask); labels are the input ids with -100 on pads, so the loss covers the caption and
+    its end. Texts longer than `max_length` tokens are cut (keeping `<eos>`).
+    """
+
+    processor: NanoVLMProcessor
+    max_length: int | None = None
+    image_column: str = "image"
+    text_column: str = "text"
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        tokenizer = self.processor.tokenizer
+        ids = tokenizer([ex[self.text_column] for ex in examples])["input_ids"]
+        if self.max_length is not None:
+            ids = [row[: self.max_length - 1] for row in ids]
+        ids = [row + [tokenizer.eos_token_id] for row in ids]
+        batch = tokenizer.pad({"input_ids": ids}, padding_side="right", return_tensors="pt")
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        batch["pixel_values"] = self.processor(images=[ex[self.image_column] for ex in examples])["pixel_values"]
+        return dict(batch)

@@ -1,0 +1,77 @@
+"""Shared fixtures: everything runs offline on the CPU with tiny configs."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import ViTImageProcessorPil
+
+from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMProcessor
+from processing.tokenizer import train_tokenizer
+
+CAPTIONS = [
+    "I see a big red ball.",
+    "I see a small blue box.",
+    "There is a green tree on the left.",
+    "A yellow star is in the sky.",
+    "Two pink flowers are on the grass.",
+    "I see a white car at night.",
+    "The orange fish is in the water.",
+    "A purple house is on the right.",
+]
+COLORS = ["red", "blue", "green", "yellow", "pink", "white", "orange", "purple"]
+
+
+def toy_image(index: int, size: int = 32) -> Image.Image:
+    """Eight easily told apart pictures: a colored shape on a gray ground, placed by index."""
+    image = Image.new("RGB", (size, size), (90, 90, 90))
+    draw = ImageDraw.Draw(image)
+    x = (index % 4) * size // 4
+    draw.rectangle([x, size // 4, x + size // 4, size // 2 + size // 4], fill=COLORS[index % 8])
+    return image
+
+
+class NanoVLMModelTester:
+    """Builds tiny NanoVLM configs and inputs (transformers' ModelTester pattern)."""
+
+    def __init__(self, tokenizer, image_size=32):
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+
+    def get_config(self, **overrides) -> NanoVLMConfig:
+        values = dict(
+            vocab_size=len(self.tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, image_size=self.image_size, patch_size=8, vision_hidden_size=32,
+            vision_num_hidden_layers=1, vision_num_attention_heads=4, vision_stem_channels=16,
+            vision_feature_select="pooled", vision_pool_size=2,
+        )
+        values.update(overrides)
+        return NanoVLMConfig(**values)
+
+    def get_model(self, **overrides) -> NanoVLMForConditionalGeneration:
+        torch.manual_seed(0)
+        return NanoVLMForConditionalGeneration(self.get_config(**overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer(CAPTIONS * 4, vocab_size=400, min_frequency=1)
+
+
+@pytest.fixture(scope="session")
+def processor(tokenizer):
+    return NanoVLMProcessor(ViTImageProcessorPil(size={"height": 32, "width": 32}), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tester(tokenizer):
+    return NanoVLMModelTester(tokenizer)
+
+
+@pytest.fixture
+def images():
+    return [toy_image(i) for i in range(8)]

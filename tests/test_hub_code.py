@@ -1,0 +1,145 @@
+"""Auto classes, remote code in a fresh process, both pipelines, and a tiny model that learns."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import CAPTIONS, toy_image
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
+
+from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMModel, NanoVLMProcessor
+from processing.collator import NanoVLMCollator
+
+
+def overfit(model, processor, images, captions, steps=300, lr=3e-3):
+    """Full-batch AdamW on a handful of pairs; returns the losses."""
+    batch = NanoVLMCollator(processor)([{"image": i, "text": t} for i, t in zip(images, captions)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, tester, processor):
+    """A tiny model that has memorised the eight toy captions, saved with its processor."""
+    torch.manual_seed(0)
+    model = tester.get_model(hidden_dropout=0.0, attention_dropout=0.0)
+    images = [toy_image(i) for i in range(8)]
+    losses = overfit(model, processor, images, CAPTIONS)
+    path = tmp_path_factory.mktemp("tiny")
+    model.eval().save_pretrained(path)
+    processor.save_pretrained(path)
+    return path, model, losses
+
+
+def captions_of(model, processor, images, **kwargs):
+    inputs = processor(images=images)
+    out = model.generate(**inputs, max_new_tokens=20, do_sample=False, **kwargs)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])
+
+
+def test_tiny_model_memorises_eight_captions(trained_dir, processor):
+    _, model, losses = trained_dir
+    assert losses[-1] < 0.05 * losses[0]
+    got = captions_of(model, processor, [toy_image(i) for i in range(8)])
+    assert sum(g == c for g, c in zip(got, CAPTIONS)) >= 7, got
+
+
+def test_saved_folder_has_weights_code_and_auto_map(trained_dir):
+    path, _, _ = trained_dir
+    names = {p.name for p in path.iterdir()}
+    assert {"model.safetensors", "configuration_nanovlm.py", "modeling_nanovlm.py", "processing_nanovlm.py",
+            "tokenizer.json", "processor_config.json", "chat_template.jinja"} <= names
+    config = json.loads((path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_nanovlm.NanoVLMConfig",
+        "AutoModel": "modeling_nanovlm.NanoVLMModel",
+        "AutoModelForImageTextToText": "modeling_nanovlm.NanoVLMForConditionalGeneration",
+    }
+    assert config["custom_pipelines"]["image-to-text"]["impl"] == "processing_nanovlm.NanoVLMImageToTextPipeline"
+    assert json.loads((path / "processor_config.json").read_text())["auto_map"] == {
+        "AutoProcessor": "processing_nanovlm.NanoVLMProcessor"
+    }
+
+
+def test_auto_classes_resolve_to_nanovlm(trained_dir):
+    path, _, _ = trained_dir
+    assert isinstance(AutoConfig.from_pretrained(path), NanoVLMConfig)
+    assert isinstance(AutoModel.from_pretrained(path), NanoVLMModel)
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(path), NanoVLMForConditionalGeneration)
+    assert isinstance(AutoProcessor.from_pretrained(path), NanoVLMProcessor)
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    class Block(importlib.abc.MetaPathFinder):  # the project package must not be importable
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("modeling_nanovlm", "processing", "evaluation"):
+                raise ImportError(name + " is blocked: remote code must not need the project")
+    sys.meta_path.insert(0, Block())
+    sys.path = [p for p in sys.path if p not in ("", {project!r})]
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+    path = {path!r}
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    images = [Image.open(p) for p in {images!r}]
+    inputs = processor(images=images)
+    out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    captioner = pipeline("image-to-text", model=path, trust_remote_code=True)
+    print(json.dumps({{"tokens": out.tolist(), "module": type(model).__module__,
+                      "pipeline": captioner({images!r}[0])}}))
+    """
+)
+
+
+def test_fresh_process_loads_remote_code_and_gets_same_tokens(trained_dir, processor, tmp_path):
+    path, model, _ = trained_dir
+    files = []
+    for i in range(3):
+        files.append(str(tmp_path / f"{i}.png"))
+        toy_image(i).save(files[-1])
+    project = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    script = FRESH_PROCESS.format(path=str(path), images=files, project=project)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["module"].startswith("transformers_modules.")
+    expected = model.generate(**processor(images=files), max_new_tokens=20, do_sample=False)
+    assert remote["tokens"] == expected.tolist()
+    assert remote["pipeline"] == [{"generated_text": CAPTIONS[0]}]
+
+
+def test_image_to_text_pipeline(trained_dir, tmp_path):
+    path, _, _ = trained_dir
+    captioner = pipeline("image-to-text", model=str(path), trust_remote_code=True)
+    file = tmp_path / "one.png"
+    toy_image(1).save(file)
+    assert captioner(toy_image(0)) == [{"generated_text": CAPTIONS[0]}]
+    assert captioner(str(file)) == [{"generated_text": CAPTIONS[1]}]
+    assert captioner([toy_image(2), toy_image(3)]) == [
+        [{"generated_text": CAPTIONS[2]}], [{"generated_text": CAPTIONS[3]}]
+    ]
+    continued = captioner(toy_image(4), prompt="Two pink")
+    assert continued == [{"generated_text": CAPTIONS[4]}]
+
+
+def test_image_text_to_text_pipeline_continues_a_prefix(trained_dir):
+    path, _, _ = trained_dir
+    vlm = pipeline("image-text-to-text", model=str(path), trust_remote_code=True)
+    out = vlm(images=toy_image(2), text="There is a", max_new_tokens=20)
+    assert out[0]["generated_text"] == CAPTIONS[2]
+    chat = [{"role": "user", "content": [{"type": "image", "image": toy_image(5)}, {"type": "text", "text": "I see"}]}]
+    reply = vlm(text=chat, max_new_tokens=20)[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and "I see" + reply["content"] == CAPTIONS[5]

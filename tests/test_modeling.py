@@ -1,0 +1,220 @@
+"""NanoVLMConfig and NanoVLMForConditionalGeneration: shapes, loss, caching, sizes, bad input."""
+
+import pytest
+import torch
+from conftest import CAPTIONS
+
+from benchmarks.sizes import preset_sizes
+from modeling_nanovlm import PRESETS, NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMModel
+from modeling_nanovlm.configuration_nanovlm import VISION_FEATURE_SELECTS
+
+PAPER_TOTALS = {"mini": 5e6, "base": 16e6, "large": 25e6}
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_follow_paper_table(name):
+    config = NanoVLMConfig.from_preset(name)
+    paper = {  # Table 1: vision blocks, image dim, decoder layers, heads, text dim
+        "mini": (1, 400, 4, 8, 96), "base": (3, 512, 8, 8, 128), "large": (5, 512, 10, 16, 192),
+    }[name]
+    got = (config.vision_num_hidden_layers, config.vision_hidden_size, config.num_hidden_layers,
+           config.num_attention_heads, config.hidden_size)
+    assert got == paper
+    assert config.hidden_size // config.num_attention_heads == {"mini": 12, "base": 16, "large": 12}[name]
+    assert (config.hidden_dropout, config.image_size, config.patch_size) == (0.1, 224, 16)
+
+
+def test_preset_sizes_within_ten_percent_of_paper():
+    sizes = preset_sizes()  # default vocabulary; the tied lm_head is counted once
+    for name, paper in PAPER_TOTALS.items():
+        total = sizes[name]["total"]
+        assert abs(total - paper) / paper <= 0.10, f"{name}: {total:,}"
+        assert total == sum(sizes[name][part] for part in ("vision", "projector", "decoder"))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("hidden_size", 0), ("num_attention_heads", 5), ("vision_feature_select", "mean"), ("patch_size", 6),
+     ("image_size", 100), ("hidden_dropout", 1.5), ("vocab_size", -3), ("vision_pool_size", 99)],
+)
+def test_invalid_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        NanoVLMConfig(**{field: value})
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ValueError, match="mini"):
+        NanoVLMConfig.from_preset("huge")
+
+
+def test_config_round_trips(tmp_path):
+    config = NanoVLMConfig.from_preset("mini", vision_feature_select="all", vocab_size=999)
+    config.save_pretrained(tmp_path)
+    loaded = NanoVLMConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert loaded.num_image_tokens == 197
+
+
+# --- forward ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("select, tokens", [("cls", 1), ("pooled", 4), ("all", 17)])
+def test_forward_shapes_cover_text_positions_only(tester, processor, images, select, tokens):
+    model = tester.get_model(vision_feature_select=select)
+    inputs = processor(images=images[:3], text=["I see", "A", "There is a green"])
+    out = model(**inputs)
+    B, T = inputs["input_ids"].shape
+    assert out.logits.shape == (B, T, model.config.vocab_size)
+    assert out.image_hidden_states.shape == (B, tokens, model.config.hidden_size)
+    assert model.config.num_image_tokens == tokens
+
+
+def test_base_model_returns_text_hidden_states(tester, processor, images):
+    config = tester.get_config()
+    model = NanoVLMModel(config).eval()
+    inputs = processor(images=images[:2], text=["I see", "A big"])
+    out = model(**inputs, use_cache=False)
+    assert out.last_hidden_state.shape == (*inputs["input_ids"].shape, config.hidden_size)
+    assert out.cache is None
+
+
+def test_loss_backpropagates_to_every_parameter(tester, processor, images):
+    model = tester.get_model().train()
+    inputs = processor(images=images[:4], text=CAPTIONS[:4])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    out = model(**inputs, labels=labels)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_loss_ignores_minus_100_labels(tester, processor, images):
+    model = tester.get_model()
+    inputs = processor(images=images[:2], text=CAPTIONS[:2], padding_side="right")
+    labels = inputs["input_ids"].clone()
+    labels[:, 3:] = -100
+    full = model(**inputs, labels=labels).loss
+    logits = model(**inputs).logits
+    manual = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(full, manual)
+
+
+def test_right_padding_matches_unpadded(tester, processor, images):
+    model = tester.get_model()
+    short = processor(images=images[:1], text=[CAPTIONS[0]])
+    batch = processor(images=images[:2], text=[CAPTIONS[0], CAPTIONS[2]], padding_side="right")
+    n = short["input_ids"].shape[1]
+    torch.testing.assert_close(model(**batch).logits[0, :n], model(**short).logits[0], atol=1e-5, rtol=1e-4)
+
+
+def test_tied_embeddings_survive_save_and_load(tester, tmp_path):
+    model = tester.get_model()
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = NanoVLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+# --- generation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("select", VISION_FEATURE_SELECTS)
+def test_cached_and_uncached_greedy_agree(tester, processor, images, select):
+    model = tester.get_model(vision_feature_select=select)
+    inputs = processor(images=images[:2], text=["I see", ""])
+    kwargs = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    cached = model.generate(**inputs, **kwargs)
+    uncached = model.generate(**inputs, use_cache=False, **kwargs)
+    assert cached.shape[1] == inputs["input_ids"].shape[1] + 12
+    assert torch.equal(cached, uncached)
+
+
+def test_left_padded_batch_matches_one_by_one(tester, processor, images):
+    model = tester.get_model()
+    prompts = ["I see a big", "", "A", "There is a green tree"]
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    batch = processor(images=images[:4], text=prompts)
+    assert (batch["attention_mask"][:, 0] == 0).any(), "the batch should be left-padded"
+    batched = model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1]:]
+    for i, prompt in enumerate(prompts):
+        single = processor(images=images[i], text=[prompt])
+        alone = model.generate(**single, **kwargs)[:, single["input_ids"].shape[1]:]
+        assert torch.equal(batched[i], alone[0]), f"sample {i}"
+
+
+def test_vision_tower_runs_once_per_generate(tester, processor, images):
+    model = tester.get_model()
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    model.generate(**processor(images=images[:3]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert len(calls) == 1
+
+
+def test_generation_strategies(tester, processor, images):
+    model = tester.get_model()
+    inputs = processor(images=images[:2])
+    T = inputs["input_ids"].shape[1]
+    torch.manual_seed(0)
+    sampled = model.generate(**inputs, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=6)
+    beams = model.generate(**inputs, num_beams=3, max_new_tokens=6, no_repeat_ngram_size=2, repetition_penalty=1.3)
+    several = model.generate(**inputs, num_beams=3, num_return_sequences=2, max_new_tokens=6)
+    assert sampled.shape[0] == 2 and beams.shape[0] == 2 and several.shape[0] == 4
+    assert sampled.shape[1] > T and beams.shape[1] > T
+    for row in beams[:, T:].tolist():  # no bigram repeats
+        bigrams = [tuple(row[i:i + 2]) for i in range(len(row) - 1) if model.config.pad_token_id not in row[i:i + 2]]
+        assert len(bigrams) == len(set(bigrams))
+
+
+def test_text_only_prompt_generates(tester, processor):
+    model = tester.get_model()
+    inputs = processor(text=["I see a"])
+    out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_wrong_pixel_shape_says_what_is_expected(tester):
+    model = tester.get_model()
+    ids = torch.tensor([[1]])
+    with pytest.raises(ValueError, match=r"\(batch, 3, 32, 32\)"):
+        model(input_ids=ids, pixel_values=torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"\(batch, 3, 32, 32\)"):
+        model(input_ids=ids, pixel_values=torch.zeros(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"\(batch, 3, 32, 32\)"):
+        model(input_ids=ids, pixel_values=torch.zeros(3, 32, 32))
+
+
+def test_token_ids_outside_vocabulary(tester):
+    model = tester.get_model()
+    with pytest.raises(ValueError, match="vocabulary size"):
+        model(input_ids=torch.tensor([[1, model.config.vocab_size]]), pixel_values=torch.zeros(1, 3, 32, 32))
+
+
+def test_prompt_longer_than_position_table(tester):
+    model = tester.get_model()
+    ids = torch.ones(1, 70, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(input_ids=ids, pixel_values=torch.zeros(1, 3, 32, 32))
+
+
+def test_missing_image_and_prompt(tester):
+    model = tester.get_model()
+    with pytest.raises(ValueError, match="pixel_values.*input_ids"):
+        model()
+
+
+def test_image_and_prompt_counts_must_match(tester):
+    model = tester.get_model()
+    with pytest.raises(ValueError, match="one prompt per image"):
+        model(input_ids=torch.ones(2, 3, dtype=torch.long), pixel_values=torch.zeros(3, 3, 32, 32))
