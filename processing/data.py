@@ -1,0 +1,140 @@
+"""Training data sources: built-in scenes, MS-COCO-layout captions, and Hugging Face datasets.
+
+Every loader returns `datasets.Dataset`s with an `image` column (datasets `Image` feature) and a
+`text` column. `check_images` decodes every image once before training starts, so a missing or
+broken file stops the run at once with its name, or, when asked, is skipped and counted.
+"""
+
+import glob
+import io
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+
+import datasets
+from PIL import Image
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+CAPTION_POLICIES = ("all", "first", "random")
+
+
+@dataclass
+class BadImages:
+    """Rows whose image could not be read: (split, row, name, reason)."""
+
+    rows: list[tuple[str, int, str, str]] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"count": len(self.rows), "examples": [dict(zip(("split", "row", "image", "reason"), r)) for r in self.rows[:20]]}
+
+
+def load_coco_captions(caption_file: str, image_dir: str, caption_policy: str = "all", seed: int = 0) -> datasets.Dataset:
+    """An MS-COCO captions JSON (`images`: id, file_name; `annotations`: image_id, caption).
+
+    `caption_policy`: "all" gives one example per caption, "first" one per image with its first
+    caption, "random" one per image with a caption drawn with `seed`. Columns: image, text,
+    image_id, references (all captions of the image, for evaluation).
+    """
+    if caption_policy not in CAPTION_POLICIES:
+        raise ValueError(f"caption_policy must be one of {CAPTION_POLICIES}, got {caption_policy!r}")
+    for path, what in ((caption_file, "caption file"), (image_dir, "image directory")):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{what} {path} does not exist")
+    with open(caption_file) as f:
+        coco = json.load(f)
+    if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
+        raise ValueError(f"{caption_file} is not in the MS-COCO captions layout (needs 'images' and 'annotations')")
+    captions: dict[int, list[str]] = {}
+    for ann in coco["annotations"]:
+        captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+    rng = random.Random(seed)
+    rows = {"image": [], "text": [], "image_id": [], "references": []}
+    for image in sorted(coco["images"], key=lambda im: im["id"]):
+        refs = captions.get(image["id"], [])
+        if not refs:
+            continue
+        chosen = {"all": refs, "first": refs[:1], "random": [rng.choice(refs)]}[caption_policy]
+        for text in chosen:
+            rows["image"].append(os.path.join(image_dir, image["file_name"]))
+            rows["text"].append(text)
+            rows["image_id"].append(image["id"])
+            rows["references"].append(refs)
+    return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+
+
+def load_hf(data_path: str, image_column: str = "image", text_column: str = "text", split: str | None = None):
+    """A `DatasetDict` from a Hub name, a `save_to_disk` folder, parquet file(s) or an imagefolder.
+
+    The image and text columns are renamed to `image` and `text`.
+    """
+    if os.path.isdir(data_path) and (
+        os.path.exists(os.path.join(data_path, "dataset_dict.json")) or os.path.exists(os.path.join(data_path, "state.json"))
+    ):
+        loaded = datasets.load_from_disk(data_path)
+    elif data_path.endswith(".parquet") or (os.path.isdir(data_path) and glob.glob(os.path.join(data_path, "**/*.parquet"), recursive=True)):
+        files = data_path if data_path.endswith(".parquet") else sorted(glob.glob(os.path.join(data_path, "**/*.parquet"), recursive=True))
+        loaded = datasets.load_dataset("parquet", data_files=files)
+    elif os.path.isdir(data_path):
+        loaded = datasets.load_dataset("imagefolder", data_dir=data_path)
+    else:
+        loaded = datasets.load_dataset(data_path)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    if split is not None:
+        loaded = datasets.DatasetDict({"train": loaded[split]})
+    renamed = {}
+    for name, ds in loaded.items():
+        for column in (image_column, text_column):
+            if column not in ds.column_names:
+                raise ValueError(
+                    f"{data_path} (split {name}) has no column {column!r}; its columns are {ds.column_names}. "
+                    "Name the right ones with --image_column / --text_column"
+                )
+        ds = ds.rename_columns({c: n for c, n in ((image_column, "image"), (text_column, "text")) if c != n})
+        if not isinstance(ds.features["image"], datasets.Image):
+            ds = ds.cast_column("image", datasets.Image())
+        renamed[name] = ds
+    return datasets.DatasetDict(renamed)
+
+
+def _try_decode(value) -> str | None:
+    """None if the image decodes, else the reason it does not."""
+    try:
+        if value.get("bytes") is not None:
+            image = Image.open(io.BytesIO(value["bytes"]))
+        else:
+            image = Image.open(value["path"])
+        image.draft("RGB", (64, 64))  # JPEGs decode at reduced scale: a full check, 4-8x faster
+        image.load()
+        return None
+    except FileNotFoundError:
+        return "file not found"
+    except Exception as err:  # PIL raises many types for broken data
+        return f"{type(err).__name__}: {err}"
+
+
+def check_images(dataset: datasets.Dataset, split: str, skip_bad_images: bool, bad: BadImages) -> datasets.Dataset:
+    """Decode every image once; raise naming the broken ones, or drop and record them."""
+    raw = dataset.cast_column("image", datasets.Image(decode=False))
+    found = []
+    for row, value in enumerate(tqdm(raw["image"], desc=f"checking {split} images", mininterval=2)):
+        if value is None:
+            found.append((split, row, "<none>", "empty image cell"))
+        elif (reason := _try_decode(value)) is not None:
+            found.append((split, row, value.get("path") or f"row {row}", reason))
+    if not found:
+        return dataset
+    if not skip_bad_images:
+        listed = "; ".join(f"{name} ({reason})" for _, _, name, reason in found[:5])
+        raise ValueError(
+            f"{len(found)} image(s) in the {split} data could not be read: {listed}"
+            f"{' ...' if len(found) > 5 else ''}. Fix or remove them, or pass --skip_bad_images to skip such rows"
+        )
+    bad.rows.extend(found)
+    logger.warning("skipping %d unreadable image(s) in the %s data, e.g. %s", len(found), split, found[0][2])
+    drop = {row for _, row, _, _ in found}
+    return dataset.select([i for i in range(len(dataset)) if i not in drop])

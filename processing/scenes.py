@@ -1,0 +1,448 @@
+"""Synthetic picture scenes with child-like descriptions and exact ground truth.
+
+Why: COCO-style captions cannot tell us whether a tiny model *looked* at the image. Here every
+picture is drawn from a small structured scene, so each description is true by construction
+and any generated description can be graded exactly (`ground_description`, `grounding_scores`).
+
+Scene schema (plain JSON-serialisable data, so it fits a `datasets` column)::
+
+    {"background": "grass" | "beach" | "night" | "snow",
+     "objects": [{"kind": "ball", "color": "red", "size": "big", "count": 2,
+                  "places": ["top left", "bottom right"]}, ...]}
+
+Each entry of "objects" is a *group* of `count` identical objects (same kind, color and size),
+one per place. A place is "<vertical> <horizontal>" from a 3x2 grid of cells (`PLACES`); each
+cell holds at most one object, so objects never overlap. Top cells lie wholly on the sky and
+bottom cells wholly on the ground, and a color is only used where it stands out from what is
+behind it. No two groups share both kind and color, so a "red ball" names exactly one group.
+A scene holds 1 to `max_objects` objects (default 4, at most 6).
+
+Datasets (`scenes_dataset`) have columns image, text and scene (the dict as JSON, read it back
+with `scene_from_row`). Example i of a split is drawn from `example_seed(split_seed, i)`, a
+bijection, so the `TRAIN_SEED` and `VALIDATION_SEED` splits never share an example seed.
+
+Descriptions come in two styles like the paper's ShortDesc/LongDesc: "short" (20-25 words) and
+"long" (60-70 words), words being whitespace-separated tokens. Every sentence is a fact about the
+picture or a feeling ("I like it!"); facts are phrased several ways so a model must look at the
+image. The night sky has a moon but no star dots because "star" is an object kind, and the day
+sky has no sun because a yellow disc would look like a yellow ball.
+"""
+
+import hashlib
+import io
+import json
+import math
+import random
+import re
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import datasets
+from PIL import Image, ImageDraw
+
+KINDS = ("ball", "box", "star", "tree", "house", "flower", "fish", "car", "heart")
+PLURALS = {"ball": "balls", "box": "boxes", "star": "stars", "tree": "trees", "house": "houses",
+           "flower": "flowers", "fish": "fish", "car": "cars", "heart": "hearts"}
+COLORS = {"red": (220, 30, 30), "blue": (30, 70, 220), "green": (40, 160, 40), "yellow": (255, 225, 0),
+          "orange": (255, 135, 0), "purple": (140, 50, 190), "pink": (255, 120, 200),
+          "white": (255, 255, 255), "black": (20, 20, 20), "brown": (130, 75, 25)}
+SIZES = {"big": 0.30, "small": 0.16}  # object width as a share of the image side: 67 vs 36 px at 224
+SIZE_WORDS = {"big": ("big",), "small": ("small", "little")}
+BACKGROUNDS = {  # fill colors behind the top and bottom rows; the beach ground is sea then sand
+    "grass": {"sky": (125, 195, 250), "ground": [(90, 200, 90)]},
+    "beach": {"sky": (125, 195, 250), "ground": [(40, 120, 200), (240, 210, 130)]},
+    "night": {"sky": (20, 30, 90), "ground": [(30, 65, 45)]},
+    "snow": {"sky": (195, 220, 240), "ground": [(245, 248, 252)]},
+}
+VERTICAL = ("top", "bottom")
+HORIZONTAL = ("left", "middle", "right")
+PLACES = tuple(f"{v} {h}" for v in VERTICAL for h in HORIZONTAL)
+WORD_RANGES = {"short": (20, 25), "long": (60, 70)}
+TRAIN_SEED, VALIDATION_SEED = 0, 1
+MIN_COLOR_DISTANCE = 110.0  # RGB distance below which an object would blend into its backdrop
+_SKY_TOP = 0.12  # the band above this share of the height stays empty (it holds the moon)
+
+
+def _allowed_colors(background: str, row: str) -> set[str]:
+    backdrop = BACKGROUNDS[background]
+    behind = [backdrop["sky"]] if row == "top" else backdrop["ground"]
+    return {c for c, rgb in COLORS.items() if min(math.dist(rgb, b) for b in behind) >= MIN_COLOR_DISTANCE}
+
+
+_ALLOWED_COLORS = {(b, row): _allowed_colors(b, row) for b in BACKGROUNDS for row in VERTICAL}
+
+
+def sample_scene(rng: random.Random, max_objects: int = 4) -> dict:
+    """A random scene of 1..`max_objects` objects in distinct cells."""
+    if not 1 <= max_objects <= len(PLACES):
+        raise ValueError(f"max_objects must be in 1..{len(PLACES)}, got {max_objects}")
+    background = rng.choice(list(BACKGROUNDS))
+    total = rng.randint(1, max_objects)
+    cells = rng.sample(PLACES, total)
+    groups: list[dict] = []
+    while cells:
+        count = 1 if len(cells) == 1 or rng.random() < 0.6 else rng.randint(2, len(cells))
+        places, cells = sorted(cells[:count], key=PLACES.index), cells[count:]
+        rows = {p.split()[0] for p in places}
+        kind = rng.choice(KINDS)
+        taken = {g["color"] for g in groups if g["kind"] == kind}
+        colors = [c for c in COLORS if c not in taken and all(c in _ALLOWED_COLORS[background, r] for r in rows)]
+        groups.append({"kind": kind, "color": rng.choice(colors), "size": rng.choice(list(SIZES)),
+                       "count": count, "places": places})
+    return {"background": background, "objects": groups}
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _draw_object(draw: ImageDraw.ImageDraw, kind: str, fill: tuple, cx: float, cy: float, r: float) -> None:
+    """Draw one object of half-width `r` centred at (cx, cy); details use a darker shade of `fill`."""
+    dark = tuple(int(c * 0.55) for c in fill)
+    w = max(1, round(r / 15))
+    if kind == "ball":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, outline=dark, width=w)
+    elif kind == "box":
+        draw.rectangle((cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r), fill=fill, outline=dark, width=w)
+    elif kind == "star":
+        pts = [(cx + rr * math.sin(k * math.pi / 5), cy - rr * math.cos(k * math.pi / 5))
+               for k in range(10) for rr in [r if k % 2 == 0 else 0.42 * r]]
+        draw.polygon(pts, fill=fill, outline=dark)
+    elif kind == "tree":
+        draw.rectangle((cx - 0.14 * r, cy + 0.2 * r, cx + 0.14 * r, cy + r), fill=dark)
+        draw.ellipse((cx - 0.8 * r, cy - r, cx + 0.8 * r, cy + 0.45 * r), fill=fill, outline=dark, width=w)
+    elif kind == "house":
+        draw.polygon([(cx - r, cy - 0.1 * r), (cx, cy - r), (cx + r, cy - 0.1 * r)], fill=dark)
+        draw.rectangle((cx - 0.75 * r, cy - 0.1 * r, cx + 0.75 * r, cy + r), fill=fill, outline=dark, width=w)
+        draw.rectangle((cx - 0.2 * r, cy + 0.4 * r, cx + 0.2 * r, cy + r), fill=dark)
+    elif kind == "flower":
+        for k in range(5):
+            px, py = cx + 0.58 * r * math.sin(k * 2 * math.pi / 5), cy - 0.58 * r * math.cos(k * 2 * math.pi / 5)
+            draw.ellipse((px - 0.42 * r, py - 0.42 * r, px + 0.42 * r, py + 0.42 * r), fill=fill, outline=dark)
+        middle = COLORS["brown"] if fill in (COLORS["yellow"], COLORS["orange"]) else COLORS["yellow"]
+        draw.ellipse((cx - 0.3 * r, cy - 0.3 * r, cx + 0.3 * r, cy + 0.3 * r), fill=middle)
+    elif kind == "fish":
+        draw.polygon([(cx + 0.3 * r, cy), (cx + r, cy - 0.55 * r), (cx + r, cy + 0.55 * r)], fill=fill, outline=dark)
+        draw.ellipse((cx - r, cy - 0.5 * r, cx + 0.5 * r, cy + 0.5 * r), fill=fill, outline=dark, width=w)
+        draw.ellipse((cx - 0.65 * r, cy - 0.2 * r, cx - 0.45 * r, cy), fill=dark)
+    elif kind == "car":
+        draw.polygon([(cx - 0.55 * r, cy - 0.15 * r), (cx - 0.35 * r, cy - 0.65 * r),
+                      (cx + 0.4 * r, cy - 0.65 * r), (cx + 0.6 * r, cy - 0.15 * r)], fill=fill, outline=dark)
+        draw.rectangle((cx - r, cy - 0.15 * r, cx + r, cy + 0.45 * r), fill=fill, outline=dark, width=w)
+        for wx in (cx - 0.55 * r, cx + 0.55 * r):
+            draw.ellipse((wx - 0.25 * r, cy + 0.25 * r, wx + 0.25 * r, cy + 0.75 * r), fill=(60, 60, 60))
+    elif kind == "heart":
+        ts = [2 * math.pi * k / 40 for k in range(40)]
+        draw.polygon([(cx + r * (math.sin(t) ** 3), cy - r / 16 * (13 * math.cos(t) - 5 * math.cos(2 * t)
+                       - 2 * math.cos(3 * t) - math.cos(4 * t)) - 0.1 * r) for t in ts], fill=fill, outline=dark)
+    else:
+        raise ValueError(f"unknown object kind {kind!r}; expected one of {KINDS}")
+
+
+def _object_center(place: str, size: str, key: str, s: int) -> tuple[float, float, float]:
+    """Centre and half-width of an object; a jitter hashed from `key` keeps it inside its cell."""
+    v, h = place.split()
+    r = SIZES[size] * s / 2
+    cell_w, margin = s / 3, 0.02 * s
+    top, bottom = (_SKY_TOP * s, s / 2) if v == "top" else (s / 2, s)
+    jx, jy = (((zlib.crc32(f"{key}|{axis}".encode()) % 2001) - 1000) / 1000 for axis in "xy")
+    dx, dy = max(0.0, cell_w / 2 - r - margin), max(0.0, (bottom - top) / 2 - r - margin)
+    return (HORIZONTAL.index(h) + 0.5) * cell_w + jx * dx, (top + bottom) / 2 + jy * dy, r
+
+
+def render_scene(scene: dict, image_size: int = 224) -> Image.Image:
+    """Draw `scene` as an RGB image; the same scene always gives the same pixels."""
+    s, backdrop = image_size, BACKGROUNDS[scene["background"]]
+    image = Image.new("RGB", (s, s), backdrop["sky"])
+    draw = ImageDraw.Draw(image)
+    bands = backdrop["ground"]
+    for i, rgb in enumerate(bands):  # ground bands: the sea takes the first fifth of the beach
+        y0 = s / 2 + (0 if i == 0 else s / 10)
+        draw.rectangle((0, y0, s, s), fill=rgb)
+    if scene["background"] == "night":  # a crescent moon inside the empty top band
+        m, x = 0.045 * s, 0.5 * s
+        draw.ellipse((x - m, 0.06 * s - m, x + m, 0.06 * s + m), fill=(250, 240, 180))
+        draw.ellipse((x - 0.4 * m, 0.06 * s - 1.1 * m, x + 1.6 * m, 0.06 * s + 0.9 * m), fill=backdrop["sky"])
+    for g in scene["objects"]:
+        for place in g["places"]:
+            cx, cy, r = _object_center(place, g["size"], f"{g['kind']}|{g['color']}|{place}", s)
+            _draw_object(draw, g["kind"], COLORS[g["color"]], cx, cy, r)
+    return image
+
+
+# ----------------------------------------------------------------------------- descriptions
+
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+_SCENERY = {
+    "grass": ["The sky is blue.", "The grass is green.", "I see green grass.", "It is a sunny day.",
+              "It is day time.", "I see the blue sky.", "It is nice outside."],
+    "beach": ["We are at the beach.", "I see the sea.", "The sea is blue.", "The sky is blue.",
+              "I see the sand.", "The sand is yellow.", "It is a sunny day."],
+    "night": ["It is night time.", "The sky is dark.", "I see the moon.", "The moon is up in the sky.",
+              "It is dark outside.", "The moon is yellow.", "It is bed time."],
+    "snow": ["I see snow.", "The snow is white.", "It is cold.", "It is a snowy day.",
+             "There is snow on the ground.", "It is winter time.", "Brr, it is so cold!"],
+}
+_GROUND = {"grass": "on the grass", "beach": "on the beach", "night": "on the ground", "snow": "on the snow"}
+_FEELINGS = ["I like it!", "I am happy.", "It is so pretty!", "I like this picture.", "I love it!",
+             "This is fun!", "I like all the colors.", "So pretty!", "So fun!", "Look at that!"]
+_ONE_WORD = ["Wow!", "Yay!", "Look!", "Ooh!", "Yes!", "Hooray!"]
+_HPHRASE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+_VPHRASE = {"top": ["up high", "at the top", "up in the sky"], "bottom": ["down low", "at the bottom"]}
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _noun_phrase(g: dict, rng: random.Random, with_size: bool) -> str:
+    """ "a big red ball", "an orange fish", "two little blue boxes"."""
+    words = [rng.choice(SIZE_WORDS[g["size"]])] if with_size else []
+    words += [g["color"], g["kind"] if g["count"] == 1 else PLURALS[g["kind"]]]
+    if g["count"] > 1:
+        return " ".join([NUMBER_WORDS[g["count"]], *words])
+    article = "one" if rng.random() < 0.2 else "an" if words[0][0] in "aeiou" else "a"
+    return " ".join([article, *words])
+
+
+def _join(parts: Sequence[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _intro(g: dict, rng: random.Random, with_size: bool) -> str:
+    """ "I see a red ball.", "There are two blue boxes.", "Look, a big green tree!"."""
+    if rng.random() < 0.2:
+        return f"Look, {_noun_phrase(g, rng, with_size)}!"
+    opener = rng.choice(["I see", "I can see", "There are" if g["count"] > 1 else "There is"])
+    return f"{opener} {_noun_phrase(g, rng, with_size)}."
+
+
+def _details(g: dict, background: str, rng: random.Random, pronoun: bool, size_said: bool) -> list[str]:
+    """True sentences about one group's size, place and how the child feels about it."""
+    plural = g["count"] > 1
+    be = "are" if plural else "is"
+    ref = f"the {g['color']} {PLURALS[g['kind']] if plural else g['kind']}"
+
+    def subject() -> str:  # a pronoun is only safe right after the group's own intro
+        return ("They" if plural else "It") if pronoun and rng.random() < 0.6 else ref.capitalize()
+
+    rows = [p.split()[0] for p in g["places"]]
+    cols = sorted({p.split()[1] for p in g["places"]}, key=HORIZONTAL.index)
+    vphrase = {v: rng.choice(_VPHRASE[v] + ([_GROUND[background]] if v == "bottom" else [])) for v in VERTICAL}
+    out = []
+    if not size_said:
+        out.append(f"{subject()} {be} {rng.choice(['', 'so ', 'very '])}{rng.choice(SIZE_WORDS[g['size']])}.")
+    if not plural and rng.random() < 0.5:
+        out.append(f"{subject()} {be} {vphrase[rows[0]]} {_HPHRASE[cols[0]]}.")
+    else:
+        out.append(f"{subject()} {be} {_join([_HPHRASE[c] for c in cols])}.")
+        if len(set(rows)) == 1:
+            out.append(f"{subject()} {be} {'all ' if len(rows) > 2 else ''}{vphrase[rows[0]]}.")
+        else:
+            parts = [f"{NUMBER_WORDS[n]} {'is' if n == 1 else 'are'} {vphrase[v]}"
+                     for v, n in ((v, rows.count(v)) for v in VERTICAL)]
+            out.append(" and ".join(parts).capitalize() + ".")  # "One is up high and two are down low."
+    out.append(rng.choice([f"I like {ref}.", f"{ref.capitalize()} {be} so pretty."]))
+    return out
+
+
+def describe_scene(scene: dict, style: str, rng: random.Random) -> str:
+    """A child-like description of `scene` whose word count lies in `WORD_RANGES[style]`.
+
+    Object sentences come first and are mandatory (every group is named with color and kind);
+    optional true sentences (sizes, places, scenery, feelings) are then added greedily up to a
+    random target length, with one-word exclamations last so the count can always be hit.
+    """
+    if style not in WORD_RANGES:
+        raise ValueError(f"style must be one of {sorted(WORD_RANGES)}, got {style!r}")
+    lo, hi = WORD_RANGES[style]
+    background, groups = scene["background"], list(scene["objects"])
+    rng.shuffle(groups)
+    with_size = [rng.random() < 0.5 for _ in groups]
+    intros = [_intro(g, rng, s) for g, s in zip(groups, with_size)]
+    if style == "short" and (sum(map(_words, intros)) > hi - 3 or rng.random() < 0.5):
+        # one list sentence: "I see a red ball, two blue boxes and a green tree."
+        phrases = [_noun_phrase(g, rng, s) for g, s in zip(groups, with_size)]
+        intros = [f"{rng.choice(['I see', 'I can see'])} {_join(phrases)}."]
+        if _words(intros[0]) > hi - 3:  # only with more than 4 groups: drop the sizes
+            with_size = [False] * len(groups)
+            intros = [f"I see {_join([_noun_phrase(g, rng, False) for g in groups])}."]
+    own_intros = len(intros) == len(groups)  # then each group's details follow its own intro
+    details = [_details(g, background, rng, own_intros, s) for g, s in zip(groups, with_size)]
+    scenery = rng.sample(_SCENERY[background], k=len(_SCENERY[background]))
+    feelings = rng.sample(_FEELINGS, k=len(_FEELINGS))
+    total_objects = sum(g["count"] for g in groups)
+    count_sentence = [f"I see {NUMBER_WORDS[total_objects]} things."] if total_objects > 1 else []
+    # candidates: (kind of sentence, (group, detail) index for details, text), in the order tried
+    candidates = [("detail", (i, j), d) for i, ds in enumerate(details) for j, d in enumerate(ds)]
+    others = [("scenery", None, t) for t in scenery] + [("feeling", None, t) for t in feelings]
+    others += [("count", None, t) for t in count_sentence]
+    if style == "long":
+        rng.shuffle(candidates)
+        rng.shuffle(others)
+        candidates += others
+    else:
+        candidates += others
+        rng.shuffle(candidates)
+    candidates += [("feeling", None, t) for t in rng.sample(_ONE_WORD, k=len(_ONE_WORD))]
+    total, target, chosen = sum(map(_words, intros)), rng.randint(lo, hi), []
+    for cand in candidates:
+        if total >= target:
+            break
+        if total + _words(cand[2]) <= hi:
+            chosen.append(cand)
+            total += _words(cand[2])
+    while total < lo:  # pools are large enough that this never runs; it guards the range promise
+        chosen.append(("feeling", None, "Yay!"))
+        total += 1
+    picked = {c[1] for c in chosen if c[0] == "detail"}
+    said = [[d for j, d in enumerate(ds) if (i, j) in picked] for i, ds in enumerate(details)]
+    if own_intros:
+        body = [s for intro, ds in zip(intros, said) for s in [intro, *ds]]
+    else:
+        body = intros + [d for ds in said for d in ds]
+    body = [c[2] for c in chosen if c[0] == "count"] + body
+    scenery_said = [c[2] for c in chosen if c[0] == "scenery"]
+    body = scenery_said + body if rng.random() < 0.5 else body + scenery_said
+    return " ".join(body + [c[2] for c in chosen if c[0] == "feeling"])
+
+
+# ----------------------------------------------------------------------------- examples and datasets
+
+def example_seed(split_seed: int, index: int) -> int:
+    """Seed of example `index` of a split: a bijection of (split_seed, index), so distinct
+    splits (e.g. `TRAIN_SEED` and `VALIDATION_SEED`) never share an example seed."""
+    if not 0 <= split_seed < 2**32 or index < 0:
+        raise ValueError(f"need 0 <= split_seed < 2**32 and index >= 0, got {split_seed}, {index}")
+    return index * 2**32 + split_seed
+
+
+def make_example(seed_or_rng: int | random.Random, style: str = "short", image_size: int = 224) -> dict:
+    """{"image": PIL image, "text": description, "scene": scene dict} from one seed.
+
+    The scene is sampled before the text, so the same seed gives the same picture in both styles.
+    """
+    rng = seed_or_rng if isinstance(seed_or_rng, random.Random) else random.Random(seed_or_rng)
+    scene = sample_scene(rng)
+    text = describe_scene(scene, style, rng)
+    return {"image": render_scene(scene, image_size), "text": text, "scene": scene}
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)  # flat colors compress well even at level 1
+    return buffer.getvalue()
+
+
+def _rows(num_examples: int, seed: int, style: str, image_size: int) -> Iterator[dict]:
+    for i in range(num_examples):
+        ex = make_example(example_seed(seed, i), style, image_size)
+        image = {"bytes": _png(ex["image"]), "path": None}
+        yield {"image": image, "text": ex["text"], "scene": json.dumps(ex["scene"])}
+
+
+SCENE_FEATURES = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                                    "scene": datasets.Value("string")})
+
+
+def scenes_dataset(num_examples: int, seed: int = TRAIN_SEED, style: str = "short", image_size: int = 224,
+                   cache_dir: str | None = None) -> datasets.Dataset:
+    """A `datasets.Dataset` of `num_examples` scenes; "scene" holds JSON (see `scene_from_row`).
+
+    Example i depends only on (seed, i, style, image_size), so datasets built in different
+    processes, or of different lengths, agree on their common rows. `cache_dir` defaults to
+    the datasets cache.
+    """
+    if style not in WORD_RANGES:
+        raise ValueError(f"style must be one of {sorted(WORD_RANGES)}, got {style!r}")
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be at least 1, got {num_examples}")
+    args = {"num_examples": num_examples, "seed": seed, "style": style, "image_size": image_size}
+    # datasets caches generated data under a hash of the generator, which for an importable function
+    # is its name, not its code: hash this file too, so an edited generator never serves stale rows.
+    fingerprint = hashlib.sha256(Path(__file__).read_bytes() + json.dumps(args).encode()).hexdigest()[:32]
+    return datasets.Dataset.from_generator(_rows, features=SCENE_FEATURES, gen_kwargs=args,
+                                           fingerprint=fingerprint, cache_dir=cache_dir)
+
+
+def scene_from_row(row: dict) -> dict:
+    """The scene dict of a `scenes_dataset` row (stored as JSON so it round-trips exactly)."""
+    return json.loads(row["scene"])
+
+
+# ----------------------------------------------------------------------------- grounding
+
+_NUMBERS = {"a": 1, "an": 1, "one": 1, **{w: n for n, w in NUMBER_WORDS.items() if n > 1}}
+_MODIFIERS = set(_NUMBERS) | set(COLORS) | {"big", "small", "little", "large", "tiny", "huge"}
+_KIND_FORMS = {**{k: k for k in KINDS}, **{p: k for k, p in PLURALS.items()}, "fishes": "fish"}
+
+
+def ground_description(text: str, scene: dict) -> dict:
+    """Check every object a description mentions against the scene.
+
+    A mention is a kind noun (singular or plural) with the color and number words right before
+    it ("two big red balls"), or a color after "is"/"are" ("the ball is red"). Mentions are
+    unique per description by (kind, color); a colorless mention of a kind that is also
+    mentioned with a color is dropped. Punctuation ends the look-back, so "The sky is blue.
+    Balls..." does not make a blue ball.
+    """
+    tokens = re.findall(r"[a-z]+|[^a-z\s]", text.lower())
+    found: dict[tuple[str, str | None], int | None] = {}
+    for i, token in enumerate(tokens):
+        kind = _KIND_FORMS.get(token)
+        if kind is None:
+            continue
+        color = number = None
+        j = i - 1
+        while j >= 0 and tokens[j] in _MODIFIERS:
+            if tokens[j] in COLORS and color is None:
+                color = tokens[j]
+            elif tokens[j] in _NUMBERS and number is None:
+                number = _NUMBERS[tokens[j]]
+            j -= 1
+        after = tokens[i + 1:i + 3]  # "the ball is red"
+        if color is None and len(after) == 2 and after[0] in ("is", "are") and after[1] in COLORS:
+            color = after[1]
+        found.setdefault((kind, color), number)
+    colored_kinds = {k for k, c in found if c is not None}
+    mentions = [{"kind": k, "color": c, "number": n} for (k, c), n in found.items()
+                if c is not None or k not in colored_kinds]
+    kinds = {g["kind"] for g in scene["objects"]}
+    pairs = {(g["kind"], g["color"]) for g in scene["objects"]}
+    said = {(m["kind"], m["color"]) for m in mentions}
+    return {
+        "mentions": mentions,
+        "num_mentioned": len(mentions),
+        "num_present": sum(m["kind"] in kinds for m in mentions),
+        "num_colored": sum(m["color"] is not None for m in mentions),
+        "num_correct": sum((m["kind"], m["color"]) in pairs for m in mentions),
+        "num_groups_named": len(pairs & said),
+        "num_groups": len(pairs),
+    }
+
+
+def grounding_scores(texts: Sequence[str], scenes: Sequence[dict | str]) -> dict:
+    """Corpus-level grounding of descriptions against their scenes (dicts or JSON strings).
+
+    object_recall: share of scene groups named with the right kind and color;
+    object_precision: share of mentioned kind+color objects that exist in the scene;
+    chair_i: share of mentioned objects whose kind is not in the image (CHAIR-i);
+    chair_s: share of descriptions with at least one such object (CHAIR-s).
+    A ratio with an empty denominator is 0.0.
+    """
+    if len(texts) != len(scenes):
+        raise ValueError(f"got {len(texts)} texts but {len(scenes)} scenes; pass one scene per text")
+    results = [ground_description(t, json.loads(s) if isinstance(s, str) else s) for t, s in zip(texts, scenes)]
+
+    def total(key: str) -> int:
+        return sum(r[key] for r in results)
+
+    def ratio(numerator: int, denominator: int) -> float:
+        return numerator / denominator if denominator else 0.0
+
+    return {
+        "object_recall": ratio(total("num_groups_named"), total("num_groups")),
+        "object_precision": ratio(total("num_correct"), total("num_colored")),
+        "chair_i": ratio(total("num_mentioned") - total("num_present"), total("num_mentioned")),
+        "chair_s": ratio(sum(r["num_mentioned"] > r["num_present"] for r in results), len(results)),
+        "num_descriptions": len(results),
+    }
