@@ -53,6 +53,7 @@ DEFAULTS = {
     "report_to": "none",
     "remove_unused_columns": False,
     "seed": 0,
+    "ddp_find_unused_parameters": False,
 }
 
 
@@ -179,10 +180,10 @@ class SampleCaptionsCallback(TrainerCallback):
             f.write(json.dumps({"step": state.global_step, "captions": captions}) + "\n")
 
 
-def final_report(trainer, processor, validation, data_args, max_new_tokens, bad, started) -> dict:
+def final_report(trainer, processor, validation, data_args, max_new_tokens, bad, started, eval_metrics) -> dict:
     """Caption validation images; grounding for scenes; metrics.json, loss_curve.png, samples.png."""
     out = trainer.args.output_dir
-    metrics = {f"final.{k}": v for k, v in trainer.evaluate().items()}
+    metrics = {f"final.{k}": v for k, v in eval_metrics.items()}
     n = len(validation) if data_args.dataset == "scenes" else min(len(validation), 64)
     rows = validation.select(range(n))
     images = rows["image"]
@@ -191,7 +192,7 @@ def final_report(trainer, processor, validation, data_args, max_new_tokens, bad,
         scores = scenes.grounding_scores(captions, [scenes.scene_from_row(r) for r in rows])
         metrics.update({f"grounding.{k}": v for k, v in scores.items()})
     metrics.update({
-        "train_seconds": round(time.time() - started, 1),
+        "wall_seconds": round(time.time() - started, 1),
         "world_size": trainer.args.world_size,
         "train_examples_seen": trainer.state.global_step * trainer.args.train_batch_size * trainer.args.world_size
         * trainer.args.gradient_accumulation_steps,
@@ -202,6 +203,8 @@ def final_report(trainer, processor, validation, data_args, max_new_tokens, bad,
     })
     first_train = next((h for h in trainer.state.log_history if "loss" in h), None)
     metrics["first_logged_loss"] = first_train["loss"] if first_train else None
+    first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
+    metrics["first_eval_loss"] = first_eval["eval_loss"] if first_eval else None
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     plot_loss_curve(trainer.state.log_history, os.path.join(out, "loss_curve.png"))
@@ -241,12 +244,13 @@ def main(argv=None):
         resume = True
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
+    eval_metrics = trainer.evaluate()  # every rank takes part
     if trainer.is_world_process_zero():
-        metrics = final_report(trainer, processor, validation, data_args, max_new_tokens, bad, started)
+        metrics = final_report(trainer, processor, validation, data_args, max_new_tokens, bad, started, eval_metrics)
         for sample in metrics["samples"][:6]:
             print(f"model: {sample['model']}\ntruth: {sample['truth']}\n")
         summary = {k: metrics[k] for k in ("final.eval_loss", "grounding.object_recall", "grounding.chair_i") if k in metrics}
-        print(json.dumps(summary | {"train_seconds": metrics["train_seconds"], "output_dir": training_args.output_dir}, indent=2))
+        print(json.dumps(summary | {"wall_seconds": metrics["wall_seconds"], "output_dir": training_args.output_dir}, indent=2))
         if bad.rows:
             print(f"skipped {len(bad.rows)} unreadable image(s); see metrics.json 'data.skipped_bad_images'")
 

@@ -1,0 +1,193 @@
+"""train.py end to end: learning, two-process DDP, kill-and-resume, and every data source."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+import train
+from processing import data
+
+ROOT = Path(__file__).resolve().parents[1]
+FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
+TINY_MODEL = [
+    "--image_size", "32", "--vocab_size", "300", "--config_overrides",
+    "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,vision_hidden_size=32,vision_num_attention_heads=4,"
+    "patch_size=8,vision_stem_channels=16,vision_pool_size=2,max_position_embeddings=128",
+]
+QUIET = ["--num_sample_captions", "0", "--max_new_tokens", "8", "--disable_tqdm", "true"]
+
+
+def run_train(*args, launcher=(sys.executable,), check=True, **popen):
+    cmd = [*launcher, str(ROOT / "train.py"), *TINY_MODEL, *QUIET, *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def metrics(out) -> dict:
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
+def test_tiny_model_learns_scenes(tmp_path):
+    out = tmp_path / "run"
+    train.main([
+        *TINY_MODEL, *QUIET, "--output_dir", str(out), "--num_train_examples", "384", "--num_validation_examples", "32",
+        "--max_steps", "200", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--warmup_steps", "10",
+        "--eval_strategy", "steps", "--eval_steps", "100", "--eval_on_start", "true", "--save_strategy", "no",
+        "--logging_steps", "10", "--use_cpu",
+    ])
+    result = metrics(out)
+    start = result["first_eval_loss"]  # evaluated before the first step (--eval_on_start)
+    assert result["final.eval_loss"] < 0.45 * start, (start, result["final.eval_loss"])
+    assert 0.0 <= result["grounding.object_recall"] <= 1.0 and 0.0 <= result["grounding.chair_i"] <= 1.0
+    for name in ("model.safetensors", "tokenizer.json", "modeling_nanovlm.py", "loss_curve.png", "samples.png"):
+        assert (out / name).exists(), name
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert model.config.vocab_size == len(processor.tokenizer) <= 300
+
+
+def test_two_process_ddp_matches_single_process(tmp_path):
+    common = ["--num_train_examples", "128", "--num_validation_examples", "16", "--max_steps", "2", "--logging_steps", "1",
+              "--eval_strategy", "no", "--save_strategy", "no", "--use_cpu",
+              "--config_overrides", TINY_MODEL[-1] + ",hidden_dropout=0.0,attention_dropout=0.0"]
+    accelerate = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    run_train("--output_dir", str(tmp_path / "ddp"), "--per_device_train_batch_size", "4", *common, launcher=accelerate)
+    run_train("--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "8", *common)
+    ddp, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    assert ddp["world_size"] == 2 and one["world_size"] == 1
+    assert abs(ddp["first_logged_loss"] - one["first_logged_loss"]) <= 1e-4
+    assert ddp["train_examples_seen"] == one["train_examples_seen"] == 16
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    common = ["--num_train_examples", "256", "--num_validation_examples", "8", "--max_steps", "60",
+              "--per_device_train_batch_size", "8", "--save_steps", "10", "--eval_strategy", "no", "--logging_steps", "5",
+              "--use_cpu", "--dataloader_num_workers", "0"]
+    run_train("--output_dir", str(tmp_path / "straight"), *common)
+
+    killed = tmp_path / "killed"
+    proc = run_train("--output_dir", str(killed), *common, popen=True)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-20" / "trainer_state.json").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.safetensors").exists(), "the run finished before it was killed"
+
+    run_train("--output_dir", str(killed), *common, "--resume_from_checkpoint", "latest")
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+# --- data sources -------------------------------------------------------------------------------
+
+
+def write_coco(folder: Path, n: int = 6, broken=(), missing=()):
+    """A COCO-captions folder with `n` images (two captions each); some broken or missing on request."""
+    (folder / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for i in range(n):
+        name = f"{i}.jpg"
+        if i not in missing:
+            Image.new("RGB", (40, 30), (30 * i, 100, 200)).save(folder / "images" / name)
+        if i in broken:
+            (folder / "images" / name).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        images.append({"id": 100 + i, "file_name": name, "width": 40, "height": 30})
+        annotations += [{"image_id": 100 + i, "id": 2 * i + k, "caption": f"picture {i} caption {k} ."} for k in range(2)]
+    (folder / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return folder / "captions.json", folder / "images"
+
+
+def test_coco_caption_policies(tmp_path):
+    captions, images = write_coco(tmp_path)
+    every = data.load_coco_captions(str(captions), str(images), "all")
+    first = data.load_coco_captions(str(captions), str(images), "first")
+    assert len(every) == 12 and len(first) == 6
+    assert first[0]["text"] == "picture 0 caption 0 ." and first[0]["references"] == ["picture 0 caption 0 .", "picture 0 caption 1 ."]
+    assert first[0]["image"].size == (40, 30)
+    with pytest.raises(ValueError, match="caption_policy"):
+        data.load_coco_captions(str(captions), str(images), "longest")
+
+
+def test_bad_images_stop_the_run_unless_skipped(tmp_path):
+    captions, images = write_coco(tmp_path / "coco", n=8, broken=[2], missing=[5])
+    args = ["--dataset", "coco", "--caption_file", str(captions), "--image_dir", str(images), "--validation_fraction", "0.25",
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no", "--use_cpu"]
+    failed = run_train("--output_dir", str(tmp_path / "strict"), *args, check=False)
+    assert failed.returncode != 0
+    assert "--skip_bad_images" in failed.stderr and ("2.jpg" in failed.stderr or "5.jpg" in failed.stderr)
+
+    run_train("--output_dir", str(tmp_path / "lenient"), *args, "--skip_bad_images", "true")
+    skipped = metrics(tmp_path / "lenient")["data.skipped_bad_images"]
+    assert skipped["count"] == 4  # two captions for each of the two bad images
+    assert {Path(e["image"]).name for e in skipped["examples"]} == {"2.jpg", "5.jpg"}
+    reasons = {Path(e["image"]).name: e["reason"] for e in skipped["examples"]}
+    assert reasons["5.jpg"] == "file not found"
+
+
+def test_hf_loader_reads_imagefolder_disk_and_parquet(tmp_path):
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(5):
+            Image.new("RGB", (20, 20), (50 * i, 0, 0)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "caption": f"a red square number {i}"}) + "\n")
+    from_folder = data.load_hf(str(folder), text_column="caption")["train"]
+    assert len(from_folder) == 5 and set(from_folder.column_names) >= {"image", "text"}
+    assert sorted(from_folder["text"])[0] == "a red square number 0"
+    assert from_folder[0]["image"].size == (20, 20)
+
+    from_folder.save_to_disk(tmp_path / "disk")
+    assert data.load_hf(str(tmp_path / "disk"))["train"]["text"] == from_folder["text"]
+    from_folder.to_parquet(tmp_path / "rows.parquet")
+    assert data.load_hf(str(tmp_path / "rows.parquet"))["train"]["text"] == from_folder["text"]
+    with pytest.raises(ValueError, match="--text_column"):
+        data.load_hf(str(tmp_path / "disk"), text_column="description")
+
+
+def test_train_on_hf_imagefolder(tmp_path):
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(12):
+            Image.new("RGB", (20, 20), (20 * i, 0, 0)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"red square {i}"}) + "\n")
+    run_train("--dataset", "hf", "--data_path", str(folder), "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+              "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no", "--use_cpu")
+    assert metrics(tmp_path / "out")["global_step"] == 2
+
+
+def test_flickr8k_in_coco_layout():
+    if not FLICKR8K.exists():
+        pytest.skip(f"{FLICKR8K} is absent (it ships beside the project as ../shared); nothing to load")
+    validation = data.load_coco_captions(str(FLICKR8K / "captions_val.json"), str(FLICKR8K / "images"), "first")
+    every = data.load_coco_captions(str(FLICKR8K / "captions_val.json"), str(FLICKR8K / "images"), "all")
+    assert len(validation) == 1000 and len(every) == 5000
+    assert all(len(r) == 5 for r in validation.select(range(50))["references"])
+    checked = data.check_images(validation.select(range(100)), "validation", False, data.BadImages())
+    assert len(checked) == 100
+    assert min(validation[0]["image"].size) == 224
+
+
+def test_missing_shared_data_is_said_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="caption file .*does not exist"):
+        data.load_coco_captions(str(tmp_path / "nope.json"), str(tmp_path))
