@@ -63,6 +63,11 @@ class NanoVLMConfig(PreTrainedConfig):
         one big linear map, which gives the encoder a local, translation-equivariant first step.
     max_position_embeddings:
         Size of the decoder's learned position table; it covers the visual prefix and the text.
+    hidden_dropout, attention_dropout:
+        The paper's dropout 0.1 is applied to embeddings and both residual branches
+        (`hidden_dropout`). Dropout on attention probabilities (`attention_dropout`, default 0)
+        forces PyTorch's unfused attention kernel on CPU and cost 1.5x in training speed here
+        (mini, batch 32: 27 vs 40 samples/s).
     """
 
     model_type = "nanovlm"
@@ -78,7 +83,7 @@ class NanoVLMConfig(PreTrainedConfig):
         max_position_embeddings=320,
         hidden_act="gelu",
         hidden_dropout=0.1,
-        attention_dropout=0.1,
+        attention_dropout=0.0,
         layer_norm_eps=1e-5,
         initializer_range=0.02,
         use_cache=True,
