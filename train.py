@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, ViTImageProcessorPil
 
@@ -88,15 +89,20 @@ class DataArguments:
     skip_bad_images: bool = field(default=False, metadata={"help": "skip (and count) unreadable images instead of stopping"})
     num_sample_captions: int = field(default=8, metadata={"help": "validation images captioned at each evaluation"})
     max_new_tokens: int = field(default=0, metadata={"help": "caption length at evaluation (0: from the style)"})
+    aux_grounding_weight: float = field(
+        default=0.0,
+        metadata={"help": "scenes: weight of a training-only loss that makes the visual tokens say which "
+                  "(kind, color) objects are in the image (0 = off); the saved model stays a plain captioner"},
+    )
 
 
 def parse_args(argv: list[str]):
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     recipe = []
-    if "--recipe" in argv:  # a JSON file of flags, applied before the command line's
+    if "--recipe" in argv:  # a JSON file of flags ("_"-keys are notes), applied before the command line's
         i = argv.index("--recipe")
         with open(argv[i + 1]) as f:
-            recipe = [a for k, v in json.load(f).items() for a in (f"--{k}", str(v))]
+            recipe = [a for k, v in json.load(f).items() if not k.startswith("_") for a in (f"--{k}", str(v))]
         argv = argv[:i] + argv[i + 2 :]
     defaults = [a for k, v in DEFAULTS.items() for a in (f"--{k}", str(v))]
     return parser.parse_args_into_dataclasses(args=defaults + recipe + argv)
@@ -162,6 +168,46 @@ def build_model(model_args: ModelArguments, vocab_size: int) -> NanoVLMForCondit
             raise ValueError(f"--config_overrides: unknown config field {key.strip()!r}")
         overrides[key.strip()] = json.loads(value) if value.strip()[:1] in "0123456789-[{tfn" else value.strip()
     return NanoVLMForConditionalGeneration(NanoVLMConfig.from_preset(model_args.preset, **overrides))
+
+
+class SceneTargetsCollator:
+    """The usual batch plus `aux_targets`: a multi-hot (kind, color) vector per scene."""
+
+    def __init__(self, collator: NanoVLMCollator):
+        self.collator = collator
+        self.index = {(k, c): i for i, (k, c) in enumerate((k, c) for k in scenes.KINDS for c in scenes.COLORS)}
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        targets = torch.zeros(len(examples), len(self.index))
+        for row, ex in enumerate(examples):
+            for obj in scenes.scene_from_row(ex)["objects"]:
+                targets[row, self.index[obj["kind"], obj["color"]]] = 1.0
+        batch["aux_targets"] = targets
+        return batch
+
+
+class AuxGroundingTrainer(Trainer):
+    """Adds `weight * BCE(max over visual tokens of head(token), aux_targets)` to the training loss.
+
+    The head (`model.aux_grounding_head`, one Linear) gives the vision tower a direct signal for
+    what is in the picture, far denser than the few caption tokens that name objects. It is
+    trained and checkpointed with the model and removed before the final save.
+    """
+
+    def __init__(self, *args, aux_weight: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.aux_weight = aux_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = inputs.pop("aux_targets", None)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if targets is not None and model.training:
+            head = self.accelerator.unwrap_model(model).aux_grounding_head
+            logits = head(outputs.image_hidden_states).amax(dim=1)  # (B, kinds * colors)
+            aux = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+            loss = loss + self.aux_weight * aux / self.args.gradient_accumulation_steps
+        return (loss, outputs) if return_outputs else loss
 
 
 class SampleCaptionsCallback(TrainerCallback):
@@ -230,19 +276,29 @@ def main(argv=None):
     logger.info("%s parameters, %d training / %d validation examples", f"{model.num_parameters():,}", len(train), len(validation))
     max_new_tokens = data_args.max_new_tokens or (110 if data_args.scenes_style == "long" else 48)
     samples = [validation[i] for i in range(min(data_args.num_sample_captions, len(validation)))]
-    trainer = Trainer(
+    collator = NanoVLMCollator(processor, model_args.max_length)
+    trainer_class, extra = Trainer, {}
+    if data_args.aux_grounding_weight > 0:
+        if data_args.dataset != "scenes":
+            raise ValueError("--aux_grounding_weight needs --dataset scenes (it uses the scenes' ground truth)")
+        model.aux_grounding_head = torch.nn.Linear(model.config.hidden_size, len(scenes.KINDS) * len(scenes.COLORS))
+        collator, trainer_class, extra = SceneTargetsCollator(collator), AuxGroundingTrainer, {"aux_weight": data_args.aux_grounding_weight}
+    trainer = trainer_class(
         model=model,
         args=training_args,
-        data_collator=NanoVLMCollator(processor, model_args.max_length),
+        data_collator=collator,
         train_dataset=train,
         eval_dataset=validation,
         processing_class=processor,
         callbacks=[SampleCaptionsCallback(processor, samples, max_new_tokens, os.path.join(training_args.output_dir, "samples.jsonl"))],
+        **extra,
     )
     resume = training_args.resume_from_checkpoint
     if resume in ("latest", "true", "True"):
         resume = True
     trainer.train(resume_from_checkpoint=resume)
+    if hasattr(model, "aux_grounding_head"):
+        del model.aux_grounding_head  # a training aid: the released model is a plain captioner
     trainer.save_model()
     eval_metrics = trainer.evaluate()  # every rank takes part
     if trainer.is_world_process_zero():

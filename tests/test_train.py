@@ -191,3 +191,29 @@ def test_flickr8k_in_coco_layout():
 def test_missing_shared_data_is_said_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="caption file .*does not exist"):
         data.load_coco_captions(str(tmp_path / "nope.json"), str(tmp_path))
+
+
+def test_aux_grounding_head_trains_but_is_not_released(tmp_path):
+    out = tmp_path / "aux"
+    run_train("--output_dir", str(out), "--num_train_examples", "64", "--num_validation_examples", "8", "--max_steps", "4",
+              "--save_steps", "2", "--eval_strategy", "no", "--aux_grounding_weight", "1.0", "--use_cpu")
+    assert any("aux_grounding_head" in k for k in load_file(out / "checkpoint-4" / "model.safetensors"))
+    assert not any("aux_grounding_head" in k for k in load_file(out / "model.safetensors"))
+    from transformers import AutoModelForImageTextToText
+
+    model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_make_it_see_tabulates_recipes(tmp_path):
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({"_name": "tiny", "_change": "a tiny run", "num_train_examples": 32,
+                                  "num_validation_examples": 8, "max_steps": 2, "eval_strategy": "no", "save_strategy": "no"}))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "benchmarks.make_it_see", str(recipe), "--output", str(tmp_path / "see.json"),
+           "--output_root", str(tmp_path / "runs"), "--", *TINY_MODEL, *QUIET, "--use_cpu"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads((tmp_path / "see.json").read_text())["runs"][0]
+    assert row["name"] == "tiny" and row["train_examples_seen"] == 64 and 0 <= row["grounding.object_recall"] <= 1
+    assert "| tiny | a tiny run | 64 |" in (tmp_path / "see.md").read_text()
