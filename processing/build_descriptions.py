@@ -1,0 +1,388 @@
+"""Build the paper's ShortDesc / LongDesc data: every image's human captions go to an LLM (any
+OpenAI-compatible server), which writes one description in the words of a 3-4 year old.
+
+    export OPENAI_API_KEY=...            # never logged; --api_key_env NAME reads another variable
+    python -m processing.build_descriptions --caption_file ../shared/data/flickr8k/captions_train.json \\
+        --image_dir ../shared/data/flickr8k/images --style both --model gpt-4o --output outputs/desc
+    python -m processing.build_descriptions ... --base_url http://127.0.0.1:8000/v1 --model local \\
+        --merge_system                   # a local server (vLLM, llama.cpp, Ollama); no key needed
+    python train.py --dataset hf --data_path outputs/desc/dataset ...
+
+Every finished item (done, or failed with its reason) is appended to OUTPUT/cache.jsonl, keyed by
+(model, prompt version, style, image id), before it counts; a rerun of the same command requests
+only what is not there (`--retry_failed` also re-requests the failed ones). So a killed or crashed
+run loses nothing and pays for nothing twice: rerun it.
+
+Out: OUTPUT/dataset (save_to_disk: splits train/validation 90/10 by a hash of the image id; columns
+image, text = the description, style, captions = the human ones, image_id, word_count),
+OUTPUT/parquet/{split}.parquet, OUTPUT/report.json (counts, failures by reason, word-count
+histogram, tokens), and with --push_to_hub REPO the dataset on the Hub.
+
+An answer is accepted when it has the style's word count, is one paragraph of plain prose (no
+list or numbering, title, markup, preamble or emoji) and reads simply: Flesch-Kincaid grade <= --max_grade (default 3;
+text in short sentences of short words, as the prompt asks, scores about -2 to 2, while Flickr8k's
+adult one-sentence captions have a median of 3.8 and a 25-word single sentence scores about 7). A rejected answer is re-asked with the
+reason, at most --max_reasks times; then the item is recorded as failed with that reason.
+"""
+
+import argparse
+import asyncio
+import codecs
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+import urllib.parse
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import datasets
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from processing.data import load_coco_captions
+from processing.llm_client import FatalLLMError, JsonlCache, LLMClient
+from processing.prompts import Prompts, load_prompts
+
+logger = logging.getLogger(__name__)
+
+KEY_FIELDS = ("model", "prompt_version", "style", "image_id")
+
+# --- validation ---------------------------------------------------------------------------------
+
+WORD = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*")
+LIST_LINE = re.compile(r"^\s*(?:[-*+\u2022]|\d+[.)])\s+", re.M)
+NUMBERED = re.compile(r"(?:^|\s)\d+[.)]\s")  # "1. a dog 2. a cat" on one line is a list too
+MARKUP = re.compile(r"[#*_`<>\[\]{}|\\]|https?://")
+PREAMBLE = re.compile(r"^(?:sure|okay|ok|certainly|of course|here is|here's|here are|description|answer)\b", re.I)
+NON_TEXT = re.compile(r"[^\x20-\x7E]")
+_STRAIGHTEN = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-", "\u2026": "..."})
+
+
+def count_words(text: str) -> int:
+    return len(WORD.findall(text))
+
+
+def syllables(word: str) -> int:
+    """Vowel groups, less a silent final -e/-es/-ed (the usual heuristic; good to about +-1)."""
+    word = word.lower().strip("'")
+    if len(word) <= 3:
+        return 1
+    word = re.sub(r"(?:[^laeiouy]es|[^laeiouy]ed|[^laeiouy]e)$", "", word)
+    return max(1, len(re.findall(r"[aeiouy]{1,2}", re.sub(r"^y", "", word))))
+
+
+def reading_grade(text: str) -> float:
+    """Flesch-Kincaid grade: 0.39 * words/sentence + 11.8 * syllables/word - 15.59."""
+    words = WORD.findall(text)
+    if not words:
+        return 0.0
+    sentences = len(re.findall(r"[.!?]+", text)) + (0 if re.search(r"[.!?][\"')]*\s*$", text) else 1)
+    return 0.39 * len(words) / max(1, sentences) + 11.8 * sum(map(syllables, words)) / len(words) - 15.59
+
+
+def validate_description(text: str, word_range: tuple[int, int], max_grade: float) -> tuple[str | None, str | None]:
+    """(cleaned text, None) if the answer is accepted, else (None, "code: what is wrong")."""
+    text = text.strip().translate(_STRAIGHTEN)
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    if not text:
+        return None, "empty: the answer is empty"
+    if LIST_LINE.search(text):
+        return None, "not_plain_prose: it is a list, not sentences"
+    if re.search(r"\n\s*\n", text):
+        return None, "not_one_paragraph: it has more than one paragraph"
+    text = " ".join(text.split())
+    if PREAMBLE.match(text):
+        return None, "not_plain_prose: it starts with a preamble instead of the description"
+    if NUMBERED.search(text):
+        return None, "not_plain_prose: it numbers its parts like a list"
+    if ":" in text:
+        return None, "not_plain_prose: it has a title or label (a colon)"
+    if MARKUP.search(text) or NON_TEXT.search(text):
+        return None, "not_plain_prose: it has markup, links, emoji or other symbols"
+    lo, hi = word_range
+    n = count_words(text)
+    if n < lo:
+        return None, f"too_short: it has {n} words, it needs between {lo} and {hi}"
+    if n > hi:
+        return None, f"too_long: it has {n} words, it needs between {lo} and {hi}"
+    if (grade := reading_grade(text)) > max_grade:
+        return None, f"not_simple: its reading grade is {grade:.1f}, above {max_grade:g}; use shorter sentences and simpler words"
+    return text, None
+
+
+# --- items ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    image_id: int | str
+    image: str  # path
+    captions: list[str]
+    style: str
+
+
+def load_items(caption_file: str, image_dir: str, styles: list[str], limit: int | None) -> tuple[list[Item], list[dict]]:
+    """One item per (image, style), images in id order, the first `limit` images; and the images
+    whose file is missing (they are reported, never requested)."""
+    rows = load_coco_captions(caption_file, image_dir, caption_policy="first").cast_column("image", datasets.Image(decode=False))
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows))))
+    items, missing = [], []
+    for image, image_id, captions in zip(rows["image"], rows["image_id"], rows["references"]):
+        if not os.path.isfile(image["path"]):
+            missing.append({"image_id": image_id, "image": image["path"]})
+            continue
+        items.extend(Item(image_id, image["path"], captions, style) for style in styles)
+    return items, missing
+
+
+# --- requests ---------------------------------------------------------------------------------------
+
+
+async def describe(items: list[Item], client: LLMClient, prompts: Prompts, cache: JsonlCache, args) -> None:
+    """Ask for every item with `args.concurrency` workers; each outcome goes to the cache at once."""
+    pending = iter(items)  # shared by the workers: each item is taken once
+    progress = tqdm(total=len(items), desc="describing", unit="item", mininterval=1)
+    failed = Counter()
+
+    async def worker():
+        for item in pending:
+            lo, hi = prompts.word_range(item.style)
+            answer = await client.complete(
+                prompts.messages(item.captions, item.style, args.merge_system),
+                validate=lambda text: validate_description(text, (lo, hi), args.max_grade),
+                max_reasks=args.max_reasks,
+                reask=lambda reason: prompts.reask_message(reason, item.style),
+                temperature=args.temperature,
+                max_tokens=args.max_tokens or hi * 3 + 50,
+                **({"stop": args.stop} if args.stop else {}),
+            )
+            text = answer.value if answer.ok else None
+            cache.append({
+                "model": client.model, "prompt_version": prompts.version, "style": item.style, "image_id": item.image_id,
+                "status": "done" if answer.ok else "failed", "text": text, "reason": answer.reason,
+                "answer": None if answer.ok else answer.text, "word_count": count_words(text) if text else None,
+                "grade": round(reading_grade(text), 2) if text else None, "attempts": answer.attempts, "asks": answer.asks,
+                "rejected": answer.rejected, "prompt_tokens": answer.usage.prompt_tokens,
+                "completion_tokens": answer.usage.completion_tokens, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            })
+            if not answer.ok:
+                failed[answer.reason.partition(":")[0]] += 1
+                progress.set_postfix(failed=sum(failed.values()), refresh=False)
+            progress.update(1)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(min(args.concurrency, max(1, len(items))))]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        progress.close()
+        await client.close()
+
+
+# --- output -----------------------------------------------------------------------------------------
+
+
+def split_of(image_ids: list, validation_fraction: float) -> set:
+    """The validation image ids: those whose id hashes below the fraction (stable as data grows; both
+    styles of an image land in one split); at least one image when there are two or more."""
+    position = {i: int(hashlib.sha256(str(i).encode()).hexdigest()[:12], 16) / 16**12 for i in image_ids}
+    chosen = {i for i, p in position.items() if p < validation_fraction}
+    if not chosen and len(position) > 1:
+        chosen = {min(position, key=position.get)}
+    if len(chosen) == len(position):
+        chosen = set()  # a single image trains
+    return chosen
+
+
+def build_dataset(items: list[Item], records: list[dict], validation_fraction: float) -> datasets.DatasetDict:
+    by_key = {(r["style"], r["image_id"]): r for r in records}
+    done = [(item, by_key[(item.style, item.image_id)]) for item in items if by_key.get((item.style, item.image_id), {}).get("status") == "done"]
+    validation = split_of(sorted({item.image_id for item, _ in done}, key=str), validation_fraction)
+    int_ids = all(isinstance(item.image_id, int) for item, _ in done)
+    features = datasets.Features({
+        "image": datasets.Image(), "text": datasets.Value("string"), "style": datasets.Value("string"),
+        "captions": datasets.List(datasets.Value("string")), "image_id": datasets.Value("int64" if int_ids else "string"),
+        "word_count": datasets.Value("int32"),
+    })
+    splits = {}
+    for name in ("train", "validation"):
+        rows = [(item, r) for item, r in done if (item.image_id in validation) == (name == "validation")]
+        splits[name] = datasets.Dataset.from_dict({
+            "image": [item.image for item, _ in rows], "text": [r["text"] for _, r in rows], "style": [item.style for item, _ in rows],
+            "captions": [item.captions for item, _ in rows], "image_id": [item.image_id if int_ids else str(item.image_id) for item, _ in rows],
+            "word_count": [r["word_count"] for _, r in rows],
+        }, features=features)
+    return datasets.DatasetDict(splits)
+
+
+def save_dataset(dataset: datasets.DatasetDict, output: str) -> datasets.DatasetDict:
+    """save_to_disk (images embedded) into OUTPUT/dataset, replaced atomically, and parquet per split."""
+    final, staging = os.path.join(output, "dataset"), os.path.join(output, "dataset.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    dataset.save_to_disk(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    saved = datasets.load_from_disk(final)  # images are bytes now, so parquet embeds them too
+    os.makedirs(os.path.join(output, "parquet"), exist_ok=True)
+    for name, split in saved.items():
+        split.to_parquet(os.path.join(output, "parquet", f"{name}.parquet"))
+    return saved
+
+
+def make_report(args, prompts: Prompts, client: LLMClient | None, items: list[Item], missing: list[dict], records: list[dict],
+                before: set, seconds: float, aborted: str | None) -> dict:
+    """Counts over the selected items: done (this run / cached), failed by reason, word counts, tokens."""
+    mine = [r for r in records if (r["style"], r["image_id"]) not in before]
+    done = [r for r in records if r["status"] == "done"]
+    failed = Counter(r["reason"].partition(":")[0] for r in records if r["status"] == "failed")
+    failed_now = Counter(r["reason"].partition(":")[0] for r in mine if r["status"] == "failed")
+    answers = sum(r["asks"] for r in mine)
+    first_ok = sum(1 for r in mine if r["asks"] >= 1 and not r["rejected"])
+    histogram = {style: dict(sorted(Counter(r["word_count"] for r in done if r["style"] == style).items())) for style in args.styles}
+    return {
+        "model": args.model, "base_url": _safe_url(args.base_url), "prompt_version": prompts.version, "styles": args.styles,
+        "items": len(items) + len(missing) * len(args.styles),
+        "done": len(done), "done_this_run": sum(1 for r in mine if r["status"] == "done"),
+        "cached": sum(1 for r in done if (r["style"], r["image_id"]) in before),
+        "failed": dict(sorted(failed.items())), "failed_this_run": dict(sorted(failed_now.items())),
+        "image_missing": len(missing) * len(args.styles), "missing_images": missing[:20],
+        "not_finished": len(items) - len(records), "aborted": aborted,
+        "validation": {
+            "answers_this_run": answers, "accepted_this_run": sum(1 for r in mine if r["status"] == "done"),
+            "first_answer_pass_rate": round(first_ok / len(mine), 4) if mine else None,
+            "answer_pass_rate": round(sum(1 for r in mine if r["status"] == "done") / answers, 4) if answers else None,
+            "rejected_by_reason": dict(sorted(Counter(x.partition(":")[0] for r in mine for x in r["rejected"]).items())),
+            "max_grade": args.max_grade,
+        },
+        "word_counts": histogram,
+        "mean_reading_grade": {s: round(sum(g) / len(g), 2) if (g := [r["grade"] for r in done if r["style"] == s]) else None for s in args.styles},
+        "tokens": {
+            "this_run": client.usage.to_dict() if client else None,
+            "all_cached_items": {"prompt_tokens": sum(r["prompt_tokens"] for r in records), "completion_tokens": sum(r["completion_tokens"] for r in records)},
+        },
+        "seconds": round(seconds, 2), "items_per_second": round(len(mine) / seconds, 3) if mine and seconds > 0 else None,
+    }
+
+
+def _safe_url(url: str | None) -> str | None:
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) if parts.hostname else url
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--caption_file", required=True, help="MS-COCO captions JSON (images + annotations)")
+    p.add_argument("--image_dir", required=True, help="folder of the images named in the caption file")
+    p.add_argument("--style", default="both", choices=("short", "long", "both"), help="ShortDesc (20-25 words), LongDesc (60-70) or both")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images (by id)")
+    p.add_argument("--output", default="outputs/descriptions", help="folder for cache.jsonl, dataset/, parquet/, report.json")
+    p.add_argument("--cache", default=None, help="cache file (default OUTPUT/cache.jsonl); share one across outputs to reuse answers")
+    p.add_argument("--retry_failed", action="store_true", help="re-request items the cache holds as failed")
+    p.add_argument("--base_url", default=None, help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)")
+    p.add_argument("--model", default="gpt-4o", help="model name as the server knows it (the paper: gpt-4o)")
+    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as failed (and is retried)")
+    p.add_argument("--max_attempts", type=int, default=6, help="HTTP requests per item at most, retries and re-asks included")
+    p.add_argument("--max_reasks", type=int, default=2, help="re-asks after an answer that fails validation")
+    p.add_argument("--backoff_base", type=float, default=1.0, help="first retry waits about this many seconds, doubling after")
+    p.add_argument("--backoff_max", type=float, default=60.0, help="longest wait between retries (Retry-After aside)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max_tokens", type=int, default=None, help="answer length cap (default: 3 x the style's top word count + 50)")
+    p.add_argument("--stop", action="append", default=None, help="stop sequence, repeatable; escapes allowed (--stop '\\n' ends a base model's answer at its first line)")
+    p.add_argument("--max_grade", type=float, default=3.0, help="highest Flesch-Kincaid grade accepted (the simple-language check)")
+    p.add_argument("--prompts", default=None, help="JSON file overriding the built-in prompts (see processing/prompts.py)")
+    p.add_argument("--merge_system", action="store_true", help="send the system prompt inside the user message (for chat templates that drop system messages, e.g. llama.cpp's gemma)")
+    p.add_argument("--validation_fraction", type=float, default=0.1, help="share of images in the validation split")
+    p.add_argument("--push_to_hub", default=None, metavar="REPO", help="also push the dataset to this Hub repo")
+    args = p.parse_args(argv)
+    args.styles = ["short", "long"] if args.style == "both" else [args.style]
+    args.stop = [codecs.decode(s, "unicode_escape") for s in args.stop] if args.stop else None
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be >= 1")
+    if not 0 <= args.validation_fraction < 1:
+        p.error("--validation_fraction must be in [0, 1)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("httpx", "httpx2"):  # one line per request otherwise (openai 3 uses httpx2)
+        logging.getLogger(name).setLevel(logging.WARNING)
+    prompts = load_prompts(args.prompts)
+    for style in args.styles:
+        prompts.word_range(style)
+    items, missing = load_items(args.caption_file, args.image_dir, args.styles, args.limit)
+    if missing:
+        logger.warning("%d image file(s) are missing and will not be requested, e.g. %s", len(missing), missing[0]["image"])
+    os.makedirs(args.output, exist_ok=True)
+    cache = JsonlCache(args.cache or os.path.join(args.output, "cache.jsonl"), KEY_FIELDS)
+    key = lambda item: (args.model, prompts.version, item.style, item.image_id)  # noqa: E731
+    finished = {(i.style, i.image_id) for i in items if key(i) in cache and (cache.get(key(i))["status"] == "done" or not args.retry_failed)}
+    pending = [i for i in items if (i.style, i.image_id) not in finished]
+    cached_failed = sum(1 for i in items if key(i) in cache and cache.get(key(i))["status"] == "failed")
+    logger.info(
+        "%d items (%d images x %s), prompt %s, model %s: %d finished in %s, %d to request",
+        len(items), len(items) // len(args.styles), "+".join(args.styles), prompts.version, args.model, len(finished), cache.path, len(pending),
+    )
+    if cached_failed and not args.retry_failed:
+        logger.info("%d failed items in the cache are kept as failed; pass --retry_failed to ask again", cached_failed)
+    client, aborted, status = None, None, 0
+    start = time.perf_counter()
+    try:
+        if pending:
+            client = LLMClient(
+                args.model, args.base_url, args.api_key_env, args.concurrency, args.timeout, args.max_attempts,
+                args.backoff_base, args.backoff_max,
+            )
+            with logging_redirect_tqdm():
+                asyncio.run(describe(pending, client, prompts, cache, args))
+    except FatalLLMError as err:
+        aborted, status = str(err), 2
+        logger.error("stopped: %s. Finished items are in %s; rerun the same command to go on.", err, cache.path)
+    except KeyboardInterrupt:
+        aborted, status = "interrupted", 130
+        logger.error("interrupted. Finished items are in %s; rerun the same command to go on.", cache.path)
+    seconds = time.perf_counter() - start
+    records = [cache.get(key(i)) for i in items if key(i) in cache]
+    report = make_report(args, prompts, client, items, missing, records, finished, seconds, aborted)
+    cache.close()
+    if aborted is None:
+        dataset = build_dataset(items, records, args.validation_fraction)
+        if sum(len(s) for s in dataset.values()):
+            saved = save_dataset(dataset, args.output)
+            report["splits"] = {name: len(split) for name, split in saved.items()}
+            report["dataset"] = os.path.join(args.output, "dataset")
+            if args.push_to_hub:
+                saved.push_to_hub(args.push_to_hub)
+                report["pushed_to"] = args.push_to_hub
+        else:
+            logger.warning("no item was accepted, so no dataset was written; see the failures in report.json")
+    with open(os.path.join(args.output, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    logger.info(
+        "done %d (this run %d, cached %d), failed %s, tokens %s -> %s",
+        report["done"], report["done_this_run"], report["cached"], report["failed"] or "none",
+        {k: report["tokens"]["this_run"][k] for k in ("prompt_tokens", "completion_tokens")} if client else "none", args.output,
+    )
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

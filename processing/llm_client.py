@@ -1,0 +1,408 @@
+"""An async client for any OpenAI-compatible chat API (OpenAI, vLLM, llama.cpp, Ollama), built for
+long paid batch jobs: the description builder here and the evaluation's LLM judge.
+
+- `LLMClient.complete(messages, validate=...)` sends one chat request at a time per item, under a
+  global concurrency bound, and returns an `Answer`: the validated value, or the reason it failed.
+  Transient failures (429, 408/409, 5xx, timeouts, connection errors, malformed bodies) are retried
+  with exponential backoff and jitter; a Retry-After header pauses every request, not just the one
+  that got it. An answer that `validate` rejects is re-asked (at most `max_reasks` times) with the
+  reason. Every HTTP request, retry or re-ask, counts against `max_attempts` per item.
+  401/403/404 raise `FatalLLMError` (a wrong key, model or URL fails every item: stop, do not pay).
+- Structured output (for the judge): `json_schema_format(name, schema)` as `response_format`, and
+  `json_validator(schema)` as `validate` (parses the answer, checks a JSON-schema subset).
+- `JsonlCache`: a durable append-only JSONL file (fsync per record, torn last line detected and cut,
+  an exclusive lock against a second writer), keyed by a tuple of record fields.
+
+The API key comes from an environment variable and is sent only as the bearer token; `redact`
+strips it (and anything shaped like a key) from every message this module logs, raises or returns.
+"""
+
+import asyncio
+import email.utils
+import fcntl
+import json
+import logging
+import os
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import openai
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = {408, 409, 429}  # and every 5xx
+FATAL_STATUS = {401: "authentication failed", 403: "permission denied", 404: "model or URL not found"}
+_KEYLIKE = re.compile(r"(\bsk-[A-Za-z0-9_\-*.]{4,}|Bearer\s+\S+)")
+
+
+class FatalLLMError(RuntimeError):
+    """An error that every further request would repeat (bad key, unknown model, wrong URL)."""
+
+
+@dataclass
+class Usage:
+    """Token and request accounting; `errors` counts failed requests by kind ("429", "timeout", ...)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = 0
+    missing_usage: int = 0
+    errors: Counter = field(default_factory=Counter)
+
+    def add(self, other: "Usage") -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.requests += other.requests
+        self.missing_usage += other.missing_usage
+        self.errors.update(other.errors)
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "requests": self.requests,
+            "missing_usage": self.missing_usage, "errors": dict(sorted(self.errors.items())),
+        }
+
+
+@dataclass
+class Answer:
+    """The outcome of one item: `ok` with `value`, or not ok with `reason` ("code: detail")."""
+
+    ok: bool
+    value: Any = None
+    text: str | None = None  # the last answer received, accepted or not
+    reason: str | None = None
+    attempts: int = 0  # HTTP requests made for this item
+    asks: int = 0  # answers received (1 + re-asks)
+    rejected: list[str] = field(default_factory=list)  # validation reasons of the rejected answers
+    usage: Usage = field(default_factory=Usage)
+
+
+class _Transient(Exception):
+    def __init__(self, kind: str, detail: str, retry_after: float | None = None):
+        super().__init__(detail)
+        self.kind, self.detail, self.retry_after = kind, detail, retry_after
+
+
+class _ItemError(Exception):
+    """Not retryable and specific to this request (400, 422): the item fails, the run goes on."""
+
+
+class LLMClient:
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        timeout: float = 60.0,
+        max_attempts: int = 6,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+        max_retry_after: float = 300.0,
+    ):
+        if concurrency < 1 or max_attempts < 1 or timeout <= 0:
+            raise ValueError("concurrency and max_attempts must be >= 1 and timeout > 0")
+        self._key = os.environ.get(api_key_env) or None
+        if self._key is None and base_url is None and not os.environ.get("OPENAI_BASE_URL"):
+            raise ValueError(
+                f"no API key: set the environment variable {api_key_env} (or name another one with --api_key_env), "
+                "or pass --base_url for a local server that needs none"
+            )
+        if self._key is None:
+            logger.info("no API key in $%s: sending a placeholder (fine for local servers)", api_key_env)
+        self.model, self.api_key_env = model, api_key_env
+        self.timeout, self.max_attempts = timeout, max_attempts
+        self.backoff_base, self.backoff_max, self.max_retry_after = backoff_base, backoff_max, max_retry_after
+        self.usage = Usage()
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._resume_at = 0.0  # monotonic time before which no request is sent (Retry-After)
+        # The SDK's own retries are off: this class counts every attempt against the item's cap.
+        self._client = openai.AsyncOpenAI(api_key=self._key or "no-key", base_url=base_url, timeout=timeout, max_retries=0)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    def redact(self, text: str) -> str:
+        if self._key:
+            text = text.replace(self._key, "[redacted]")
+        return _KEYLIKE.sub("[redacted]", text)
+
+    async def complete(
+        self,
+        messages: list[dict],
+        validate: Callable[[str], tuple[Any, str | None]] | None = None,
+        max_reasks: int = 2,
+        reask: Callable[[str], str] | None = None,
+        **params,
+    ) -> Answer:
+        """One item: request, validate, re-ask or retry until accepted or out of attempts.
+
+        `validate(text)` returns `(value, None)` or `(None, "code: detail")`. `reask(reason)` gives the
+        user message sent after a rejected answer (the answer itself goes back as the assistant's
+        turn); without it the same messages are sent again. `params` go to chat.completions.create.
+        """
+        answer = Answer(ok=False)
+        try:
+            return await self._complete(answer, messages, validate, max_reasks, reask, params)
+        finally:
+            self.usage.add(answer.usage)  # also when FatalLLMError or cancellation ends the item
+
+    async def _complete(self, answer, messages, validate, max_reasks, reask, params) -> Answer:
+        conversation = list(messages)
+        transient = 0
+        last: str | None = None
+        while answer.attempts < self.max_attempts:
+            answer.attempts += 1
+            try:
+                text, finish_reason = await self._request(conversation, params, answer.usage)
+            except _Transient as err:
+                transient += 1
+                last = f"retries_exhausted: {answer.attempts} attempts, last {err.kind}: {err.detail}"
+                if answer.attempts < self.max_attempts:
+                    await self._backoff(transient, err.retry_after)
+                continue
+            except _ItemError as err:
+                answer.reason = self.redact(str(err))
+                break
+            answer.asks += 1
+            answer.text = text
+            if finish_reason == "length":
+                value, reason = None, "truncated: the answer hit max_tokens"
+            else:
+                value, reason = validate(text) if validate else (text, None)
+            if reason is None:
+                answer.ok, answer.value, answer.reason = True, value, None
+                break
+            answer.rejected.append(reason)
+            last = reason
+            if answer.asks > max_reasks:
+                break
+            conversation = list(messages)
+            if reask is not None:
+                conversation += [{"role": "assistant", "content": text}, {"role": "user", "content": reask(reason)}]
+        if not answer.ok and answer.reason is None:
+            answer.reason = last or "retries_exhausted: no attempt left"
+        return answer
+
+    async def _request(self, messages: list[dict], params: dict, usage: Usage) -> tuple[str, str | None]:
+        """One HTTP request; returns (content, finish_reason) or raises _Transient/_ItemError/FatalLLMError."""
+        async with self._semaphore:
+            while (wait := self._resume_at - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            usage.requests += 1
+            try:
+                # wait_for also bounds a server that trickles bytes, which httpx's per-read timeout would not.
+                response = await asyncio.wait_for(
+                    self._client.chat.completions.create(model=self.model, messages=messages, **params), self.timeout + 1.0
+                )
+            except (openai.APITimeoutError, asyncio.TimeoutError):
+                usage.errors["timeout"] += 1
+                raise _Transient("timeout", f"no answer within {self.timeout:g}s") from None
+            except openai.APIConnectionError as err:
+                usage.errors["connection"] += 1
+                raise _Transient("connection", self.redact(str(err))) from None
+            except openai.APIStatusError as err:
+                status, detail = err.status_code, self.redact(f"HTTP {err.status_code}: {err.message}")[:300]
+                usage.errors[str(status)] += 1
+                if status in FATAL_STATUS:
+                    hint = f"check the key in ${self.api_key_env}" if status in (401, 403) else f"check --model {self.model!r} and --base_url"
+                    raise FatalLLMError(f"{FATAL_STATUS[status]} ({detail}); {hint}") from None
+                if status in RETRYABLE_STATUS or status >= 500:
+                    raise _Transient(str(status), detail, _retry_after(err.response.headers)) from None
+                raise _ItemError(f"bad_request: {detail}") from None
+            except (json.JSONDecodeError, openai.APIResponseValidationError) as err:  # a body that is not JSON
+                usage.errors["malformed"] += 1
+                raise _Transient("malformed", f"unreadable response body ({type(err).__name__})") from None
+        choices = getattr(response, "choices", None)
+        if isinstance(response, str) or not choices or choices[0].message is None or choices[0].message.content is None:
+            usage.errors["malformed"] += 1
+            raise _Transient("malformed", "response without choices[0].message.content")
+        if response.usage is None:
+            usage.missing_usage += 1
+        else:
+            usage.prompt_tokens += response.usage.prompt_tokens or 0
+            usage.completion_tokens += response.usage.completion_tokens or 0
+        return choices[0].message.content, choices[0].finish_reason
+
+    async def _backoff(self, retry: int, retry_after: float | None) -> None:
+        """Exponential backoff with jitter; a server's Retry-After wins and pauses every request."""
+        if retry_after is not None:
+            delay = min(retry_after, self.max_retry_after) * random.uniform(1.0, 1.1)
+            self._resume_at = max(self._resume_at, time.monotonic() + delay)
+        else:
+            delay = min(self.backoff_max, self.backoff_base * 2 ** (retry - 1)) * random.uniform(0.5, 1.0)
+        await asyncio.sleep(delay)
+
+
+def _retry_after(headers) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date), if present."""
+    try:
+        if (ms := headers.get("retry-after-ms")) is not None:
+            return max(0.0, float(ms) / 1000)
+        if (value := headers.get("retry-after")) is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+# --- structured (JSON) answers, for the judge ---------------------------------------------------
+
+
+def json_schema_format(name: str, schema: dict, strict: bool = True) -> dict:
+    """`response_format` asking for JSON that matches `schema` (OpenAI structured outputs).
+
+    Servers without it (llama-cpp-python answers HTTP 500) can use `{"type": "json_object"}` or
+    none: `json_validator` checks the answer either way.
+    """
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}}
+
+
+def json_validator(schema: dict) -> Callable[[str], tuple[Any, str | None]]:
+    """A `validate` for `LLMClient.complete`: parse JSON (``` fences allowed) and check it against `schema`."""
+
+    def validate(text: str):
+        body = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
+        try:
+            value = json.loads(body)
+        except json.JSONDecodeError as err:
+            return None, f"not_json: {err.msg} at char {err.pos}"
+        problem = check_schema(value, schema)
+        return (value, None) if problem is None else (None, f"schema: {problem}")
+
+    return validate
+
+
+_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float), "boolean": bool, "null": type(None)}
+
+
+def check_schema(value: Any, schema: dict, path: str = "$") -> str | None:
+    """The first violation of a JSON-schema subset (type, enum, required, properties,
+    additionalProperties false, items, minimum/maximum, minLength/maxLength), or None."""
+    expected = schema.get("type")
+    if expected is not None:
+        types = expected if isinstance(expected, list) else [expected]
+        if not any(isinstance(value, _TYPES[t]) and not (t in ("integer", "number") and isinstance(value, bool)) for t in types):
+            return f"{path} should be {expected}, got {type(value).__name__}"
+    if "enum" in schema and value not in schema["enum"]:
+        return f"{path} should be one of {schema['enum']}, got {value!r}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            return f"{path} = {value} is below {schema['minimum']}"
+        if "maximum" in schema and value > schema["maximum"]:
+            return f"{path} = {value} is above {schema['maximum']}"
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0):
+            return f"{path} is shorter than {schema['minLength']} characters"
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            return f"{path} is longer than {schema['maxLength']} characters"
+    if isinstance(value, dict):
+        for key in schema.get("required", []):
+            if key not in value:
+                return f"{path} misses {key!r}"
+        properties = schema.get("properties", {})
+        for key, item in value.items():
+            if key in properties:
+                if (problem := check_schema(item, properties[key], f"{path}.{key}")) is not None:
+                    return problem
+            elif schema.get("additionalProperties") is False:
+                return f"{path} has an unexpected key {key!r}"
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            if (problem := check_schema(item, schema["items"], f"{path}[{i}]")) is not None:
+                return problem
+    return None
+
+
+# --- durable cache ---------------------------------------------------------------------------------
+
+
+class JsonlCache:
+    """Append-only JSONL records keyed by `tuple(record[f] for f in key_fields)`; the last record of a
+    key wins. `append` returns only after the line is on disk (flush + fsync), so a record that is
+    there after a crash was complete. Opening cuts a torn last line (a write cut off by a kill) and
+    skips, with a warning, any other line that does not parse. One writer at a time (flock).
+    """
+
+    def __init__(self, path: str, key_fields: tuple[str, ...]):
+        self.path, self.key_fields = path, tuple(key_fields)
+        self.records: dict[tuple, dict] = {}
+        self.torn_bytes = 0
+        self.bad_lines = 0
+        new = not os.path.exists(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._file = open(path, "a+b")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise RuntimeError(f"{path} is in use by another process (another build writing the same cache?); wait for it or use another --output") from None
+        if new:  # make the new file's directory entry durable too
+            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._load()
+
+    def _load(self) -> None:
+        self._file.seek(0)
+        data = self._file.read()
+        good_end = 0
+        lines = data.split(b"\n")
+        for i, line in enumerate(lines):
+            last = i == len(lines) - 1  # the bytes after the final newline: empty unless the write was torn
+            if last and line == b"":
+                break
+            try:
+                record = json.loads(line)
+                if last:
+                    raise ValueError("no newline: torn write")
+                self.records[self.key(record)] = record
+                good_end += len(line) + 1
+            except (ValueError, KeyError, TypeError):
+                if last:
+                    self.torn_bytes = len(line)
+                    logger.warning("%s: the last line is torn (%d bytes, a write cut off by a crash); ignoring it", self.path, len(line))
+                else:
+                    self.bad_lines += 1
+                    good_end += len(line) + 1
+                    logger.warning("%s: line %d is not a valid record; skipping it", self.path, i + 1)
+        if self.torn_bytes:
+            self._file.truncate(good_end)
+            os.fsync(self._file.fileno())
+
+    def key(self, record: dict) -> tuple:
+        return tuple(record[f] for f in self.key_fields)
+
+    def get(self, key: tuple) -> dict | None:
+        return self.records.get(tuple(key))
+
+    def __contains__(self, key) -> bool:
+        return tuple(key) in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def append(self, record: dict) -> None:
+        key = self.key(record)
+        self._file.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.records[key] = record
+
+    def close(self) -> None:
+        self._file.close()  # also releases the lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
