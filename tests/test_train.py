@@ -144,13 +144,18 @@ def test_bad_images_stop_the_run_unless_skipped(tmp_path):
     assert reasons["5.jpg"] == "file not found"
 
 
-def test_hf_loader_reads_imagefolder_disk_and_parquet(tmp_path):
-    folder = tmp_path / "imagefolder"
+def write_imagefolder(folder: Path, n: int, text_column: str) -> Path:
+    """An `imagefolder` dataset: n PNGs and a metadata.jsonl captioning them."""
     folder.mkdir()
     with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(5):
-            Image.new("RGB", (20, 20), (50 * i, 0, 0)).save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "caption": f"a red square number {i}"}) + "\n")
+        for i in range(n):
+            Image.new("RGB", (20, 20), (20 * i, 0, 0)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", text_column: f"a red square number {i}"}) + "\n")
+    return folder
+
+
+def test_hf_loader_reads_imagefolder_disk_and_parquet(tmp_path):
+    folder = write_imagefolder(tmp_path / "imagefolder", 5, "caption")
     from_folder = data.load_hf(str(folder), text_column="caption")["train"]
     assert len(from_folder) == 5 and set(from_folder.column_names) >= {"image", "text"}
     assert sorted(from_folder["text"])[0] == "a red square number 0"
@@ -165,12 +170,7 @@ def test_hf_loader_reads_imagefolder_disk_and_parquet(tmp_path):
 
 
 def test_train_on_hf_imagefolder(tmp_path):
-    folder = tmp_path / "imagefolder"
-    folder.mkdir()
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(12):
-            Image.new("RGB", (20, 20), (20 * i, 0, 0)).save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"red square {i}"}) + "\n")
+    folder = write_imagefolder(tmp_path / "imagefolder", 12, "text")
     run_train("--dataset", "hf", "--data_path", str(folder), "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
               "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no", "--use_cpu")
     assert metrics(tmp_path / "out")["global_step"] == 2
