@@ -247,10 +247,8 @@ def final_report(trainer, processor, validation, data_args, max_new_tokens, bad,
         "data.skipped_bad_images": bad.summary(),
         "samples": [{"model": c, "truth": t} for c, t in zip(captions[:16], rows["text"][:16])],
     })
-    first_train = next((h for h in trainer.state.log_history if "loss" in h), None)
-    metrics["first_logged_loss"] = first_train["loss"] if first_train else None
-    first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
-    metrics["first_eval_loss"] = first_eval["eval_loss"] if first_eval else None
+    for name, key in (("first_logged_loss", "loss"), ("first_eval_loss", "eval_loss")):
+        metrics[name] = next((h[key] for h in trainer.state.log_history if key in h), None)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     plot_loss_curve(trainer.state.log_history, os.path.join(out, "loss_curve.png"))
