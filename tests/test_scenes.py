@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from processing.scenes import (
-    BACKGROUNDS, COLORS, KINDS, MIN_COLOR_DISTANCE, PLACES, PLURALS, TRAIN_SEED, VALIDATION_SEED, WORD_RANGES,
+    BACKGROUNDS, COLORS, KINDS, MANY, MIN_COLOR_DISTANCE, PLACES, PLURALS, TRAIN_SEED, VALIDATION_SEED, WORD_RANGES,
     describe_scene, example_seed, ground_description, grounding_scores, make_example, render_scene,
-    sample_scene, scene_from_row, scenes_dataset,
+    parse_mentions, sample_scene, scene_from_row, scene_texts, scenes_dataset,
 )
 
 N = 500
@@ -77,8 +77,10 @@ def test_every_description_grounds_perfectly(style):
     all_scenes = scenes()
     texts = [describe_scene(s, style, rng) for s in all_scenes]
     scores = grounding_scores(texts, all_scenes)
+    assert scores.pop("attribute_claims") > 2 * N  # every color, and most sizes and counts, are checked
     assert scores == {"object_recall": 1.0, "object_precision": 1.0, "chair_i": 0.0, "chair_s": 0.0,
-                      "num_descriptions": N}
+                      "color_accuracy": 1.0, "size_accuracy": 1.0, "count_accuracy": 1.0, "attribute_accuracy": 1.0,
+                      "negated_mentions": 0, "negation_errors": 0, "num_descriptions": N}
 
 
 def test_descriptions_vary_for_one_scene():
@@ -156,3 +158,56 @@ def test_bad_style_raises():
         scenes_dataset(2, style="medium")
     with pytest.raises(ValueError, match="max_objects"):
         sample_scene(random.Random(0), max_objects=0)
+
+
+@pytest.mark.parametrize("text, mentions, negated", [
+    # plurals, number words and digits; a plural without a number claims "2+"
+    ("I see two big red balls and a tiny green tree.",
+     [("ball", "red", "big", 2), ("tree", "green", "small", 1)], []),
+    ("I see 3 yellow stars. The boxes are blue.", [("star", "yellow", None, 3), ("box", "blue", None, MANY)], []),
+    # "fish" is singular and plural: the verb decides, or nothing does
+    ("The fish are orange. The fish is pink. I like black fish.",
+     [("fish", "orange", None, MANY), ("fish", "pink", None, 1), ("fish", "black", None, None)], []),
+    # a predicate or a sentence-initial pronoun completes the last mention; synonyms
+    ("I see a ball. It is so big and violet. The red car is little.",
+     [("ball", "purple", "big", 1), ("car", "red", "small", 1)], []),
+    # a colorless mention of a kind also named with a color is dropped; "No," is not a determiner
+    ("There are balls. The balls are red. No, it is a white heart.",
+     [("ball", "red", None, MANY), ("heart", "white", None, 1)], []),
+    # negation: "no" negates its noun phrase, "not"/"n't" the rest of the clause
+    ("There is no fish. I see two red balls.", [("ball", "red", None, 2)], [("fish", None)]),
+    ("I do not see a red ball, but I see a little blue box.", [("box", "blue", "small", 1)], [("ball", "red")]),
+    ("I don't see any cars and there is a pink star.", [("star", "pink", None, 1)], [("car", None)]),
+    ("There are no red balls and two green trees.", [("tree", "green", None, 2)], [("ball", "red")]),
+    ("The car isn\u2019t red.", [("car", None, None, 1)], []),  # a negated predicate claims no color
+    ("The sky is blue. Balls are fun.", [("ball", None, None, MANY)], []),
+])
+def test_parser_on_tricky_sentences(text, mentions, negated):
+    found, denied = parse_mentions(text)
+    assert [(m["kind"], m["color"], m["size"], m["count"]) for m in found] == mentions
+    assert [(m["kind"], m["color"]) for m in denied] == negated
+
+
+def test_grounding_scores_by_hand():
+    scene = {"background": "grass", "objects": [
+        {"kind": "ball", "color": "red", "size": "big", "count": 2, "places": ["bottom left", "bottom right"]},
+        {"kind": "fish", "color": "blue", "size": "small", "count": 1, "places": ["top left"]},
+        {"kind": "tree", "color": "green", "size": "big", "count": 1, "places": ["bottom middle"]}]}
+    a = "I see two big red balls and a small blue fish. There is no tree. I see a pink car."
+    b = "I see a red ball. It is small. The green trees are big."
+    first = ground_description(a, scene)
+    assert (first["num_mentioned"], first["num_present"], first["num_correct"], first["num_groups_named"]) == (3, 2, 2, 2)
+    assert (first["num_negated"], first["num_negation_errors"]) == (1, 1)  # "no tree", but a tree is there
+    scores = grounding_scores([a, b], [scene, scene])
+    # a: ball, fish right in color, size and count; the pink car is absent (no attribute claim).
+    # b: colors right; the ball is big (not small) and 2 (not 1); the tree is big but 1 (not 2+).
+    assert scores == pytest.approx({
+        "object_recall": 4 / 6, "object_precision": 4 / 5, "chair_i": 1 / 5, "chair_s": 1 / 2,
+        "color_accuracy": 4 / 4, "size_accuracy": 3 / 4, "count_accuracy": 2 / 4, "attribute_accuracy": 9 / 12,
+        "attribute_claims": 12, "negated_mentions": 1, "negation_errors": 1, "num_descriptions": 2,
+    })
+
+
+def test_scene_texts_are_the_datasets_texts_without_pictures(tmp_path):
+    for style in WORD_RANGES:
+        assert scene_texts(6, TRAIN_SEED, style) == scenes_dataset(6, TRAIN_SEED, style, 32, cache_dir=str(tmp_path))["text"]
