@@ -42,11 +42,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import datasets
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from processing.data import load_coco_captions
-from processing.llm_client import FatalLLMError, JsonlCache, LLMClient
+from processing.llm_client import FatalLLMError, JsonlCache, LLMClient, run_pool
 from processing.prompts import Prompts, load_prompts
 
 logger = logging.getLogger(__name__)
@@ -148,44 +147,35 @@ def load_items(caption_file: str, image_dir: str, styles: list[str], limit: int 
 
 async def describe(items: list[Item], client: LLMClient, prompts: Prompts, cache: JsonlCache, args) -> None:
     """Ask for every item with `args.concurrency` workers; each outcome goes to the cache at once."""
-    pending = iter(items)  # shared by the workers: each item is taken once
-    progress = tqdm(total=len(items), desc="describing", unit="item", mininterval=1)
     failed = Counter()
 
-    async def worker():
-        for item in pending:
-            lo, hi = prompts.word_range(item.style)
-            answer = await client.complete(
-                prompts.messages(item.captions, item.style, args.merge_system),
-                validate=lambda text: validate_description(text, (lo, hi), args.max_grade),
-                max_reasks=args.max_reasks,
-                reask=lambda reason: prompts.reask_message(reason, item.style),
-                temperature=args.temperature,
-                max_tokens=args.max_tokens or hi * 3 + 50,
-                **({"stop": args.stop} if args.stop else {}),
-            )
-            text = answer.value if answer.ok else None
-            cache.append({
-                "model": client.model, "prompt_version": prompts.version, "style": item.style, "image_id": item.image_id,
-                "status": "done" if answer.ok else "failed", "text": text, "reason": answer.reason,
-                "answer": None if answer.ok else answer.text, "word_count": count_words(text) if text else None,
-                "grade": round(reading_grade(text), 2) if text else None, "attempts": answer.attempts, "asks": answer.asks,
-                "rejected": answer.rejected, "prompt_tokens": answer.usage.prompt_tokens,
-                "completion_tokens": answer.usage.completion_tokens, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            })
-            if not answer.ok:
-                failed[answer.reason.partition(":")[0]] += 1
-                progress.set_postfix(failed=sum(failed.values()), refresh=False)
-            progress.update(1)
+    async def handle(item: Item, progress):
+        lo, hi = prompts.word_range(item.style)
+        answer = await client.complete(
+            prompts.messages(item.captions, item.style, args.merge_system),
+            validate=lambda text: validate_description(text, (lo, hi), args.max_grade),
+            max_reasks=args.max_reasks,
+            reask=lambda reason: prompts.reask_message(reason, item.style),
+            temperature=args.temperature,
+            max_tokens=args.max_tokens or hi * 3 + 50,
+            **({"stop": args.stop} if args.stop else {}),
+        )
+        text = answer.value if answer.ok else None
+        cache.append({
+            "model": client.model, "prompt_version": prompts.version, "style": item.style, "image_id": item.image_id,
+            "status": "done" if answer.ok else "failed", "text": text, "reason": answer.reason,
+            "answer": None if answer.ok else answer.text, "word_count": count_words(text) if text else None,
+            "grade": round(reading_grade(text), 2) if text else None, "attempts": answer.attempts, "asks": answer.asks,
+            "rejected": answer.rejected, "prompt_tokens": answer.usage.prompt_tokens,
+            "completion_tokens": answer.usage.completion_tokens, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+        if not answer.ok:
+            failed[answer.reason.partition(":")[0]] += 1
+            progress.set_postfix(failed=sum(failed.values()), refresh=False)
 
-    tasks = [asyncio.create_task(worker()) for _ in range(min(args.concurrency, max(1, len(items))))]
     try:
-        await asyncio.gather(*tasks)
+        await run_pool(items, handle, args.concurrency, "describing")
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        progress.close()
         await client.close()
 
 

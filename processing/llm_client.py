@@ -10,6 +10,7 @@ long paid batch jobs: the description builder here and the evaluation's LLM judg
   401/403/404 raise `FatalLLMError` (a wrong key, model or URL fails every item: stop, do not pay).
 - Structured output (for the judge): `json_schema_format(name, schema)` as `response_format`, and
   `json_validator(schema)` as `validate` (parses the answer, checks a JSON-schema subset).
+- `run_pool(items, handle, concurrency, desc)`: the workers and progress bar of a batch job.
 - `JsonlCache`: a durable append-only JSONL file (fsync per record, torn last line detected and cut,
   an exclusive lock against a second writer), keyed by a tuple of record fields.
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import openai
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +253,27 @@ def _retry_after(headers) -> float | None:
             return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+async def run_pool(items: list, handle: Callable, concurrency: int, desc: str, unit: str = "item") -> None:
+    """`await handle(item, progress)` for every item, `concurrency` at a time, under one tqdm bar that
+    advances after each item; if a handler raises, the other workers are cancelled and it propagates."""
+    pending = iter(items)  # shared by the workers: each item is taken once
+    progress = tqdm(total=len(items), desc=desc, unit=unit, mininterval=1)
+
+    async def worker():
+        for item in pending:
+            await handle(item, progress)
+            progress.update(1)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, max(1, len(items))))]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        progress.close()
 
 
 # --- structured (JSON) answers, for the judge ---------------------------------------------------
