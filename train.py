@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, ViTImageProcessorPil
 
+from evaluation.caption_metrics import caption_scores
 from evaluation.captioning import generate_captions
 from evaluation.plots import plot_caption_grid, plot_loss_curve
 from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMProcessor
@@ -89,6 +90,12 @@ class DataArguments:
     skip_bad_images: bool = field(default=False, metadata={"help": "skip (and count) unreadable images instead of stopping"})
     num_sample_captions: int = field(default=8, metadata={"help": "validation images captioned at each evaluation"})
     max_new_tokens: int = field(default=0, metadata={"help": "caption length at evaluation (0: from the style)"})
+    eval_metrics: str | None = field(
+        default=None,
+        metadata={"help": "at each evaluation also caption --eval_metrics_examples validation images and log "
+                  "grounding (scenes: recall, precision, CHAIR-i, attribute accuracy) or cider (CIDEr-D vs the references)"},
+    )
+    eval_metrics_examples: int = field(default=64, metadata={"help": "validation images --eval_metrics is computed on"})
     aux_grounding_weight: float = field(
         default=0.0,
         metadata={"help": "scenes: weight of a training-only loss that makes the visual tokens say which "
@@ -210,20 +217,42 @@ class AuxGroundingTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def eval_metric_scores(name: str, captions: list[str], examples: list[dict]) -> dict:
+    """`--eval_metrics` on captions of validation rows: grounding (scenes) or cider (CIDEr-D)."""
+    if name == "grounding":
+        scores = scenes.grounding_scores(captions, [ex["scene"] for ex in examples])
+        keys = ("object_recall", "object_precision", "chair_i", "attribute_accuracy")
+        return {f"eval_grounding_{k}": scores[k] for k in keys}
+    references = [ex.get("references") or [ex["text"]] for ex in examples]  # coco rows carry every caption
+    return {"eval_cider_d": caption_scores(captions, references, tokenizer="simple")["cider_d"]}
+
+
 class SampleCaptionsCallback(TrainerCallback):
-    """At each evaluation, caption a few fixed validation images and log them next to the truth."""
+    """At each evaluation, caption a few fixed validation images and log them next to the truth; with
+    `metric`, caption `examples` (the first `num_samples` of which are logged) and add the metric to
+    the evaluation's metrics and log."""
 
-    def __init__(self, processor, examples, max_new_tokens, path):
+    def __init__(self, processor, examples, max_new_tokens, path, metric=None, num_samples=None):
         self.processor, self.examples, self.max_new_tokens, self.path = processor, examples, max_new_tokens, path
+        self.metric, self.num_samples = metric, len(examples) if num_samples is None else num_samples
 
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         if not state.is_world_process_zero or not self.examples:
             return
         captions = generate_captions(model, self.processor, [ex["image"] for ex in self.examples], max_new_tokens=self.max_new_tokens)
-        for caption, ex in list(zip(captions, self.examples))[:3]:
+        for caption, ex in list(zip(captions, self.examples))[:min(3, self.num_samples)]:
             logger.info("step %d | model: %s | truth: %s", state.global_step, caption, ex["text"])
+        record = {"step": state.global_step, "captions": captions[: self.num_samples]}
+        if self.metric:
+            scores = eval_metric_scores(self.metric, captions, self.examples)
+            logger.info("step %d | %s", state.global_step, scores)
+            record.update(scores)
+            if metrics is not None:
+                metrics.update(scores)  # returned by trainer.evaluate(): final.* in metrics.json
+            if state.log_history and "eval_loss" in state.log_history[-1]:
+                state.log_history[-1].update(scores)  # the evaluation's own log line: loss curve data, checkpoints
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": state.global_step, "captions": captions}) + "\n")
+            f.write(json.dumps(record) + "\n")
 
 
 def final_report(trainer, processor, validation, data_args, max_new_tokens, bad, started, eval_metrics) -> dict:
@@ -259,6 +288,10 @@ def final_report(trainer, processor, validation, data_args, max_new_tokens, bad,
 
 def main(argv=None):
     model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    if data_args.eval_metrics not in (None, "grounding", "cider"):
+        raise ValueError(f"--eval_metrics must be grounding or cider, got {data_args.eval_metrics!r}")
+    if data_args.eval_metrics == "grounding" and data_args.dataset != "scenes":
+        raise ValueError("--eval_metrics grounding needs --dataset scenes (it uses the scenes' ground truth); use cider")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.set_seed(training_args.seed)
     started = time.time()
@@ -273,7 +306,8 @@ def main(argv=None):
     model = build_model(model_args, len(processor.tokenizer))
     logger.info("%s parameters, %d training / %d validation examples", f"{model.num_parameters():,}", len(train), len(validation))
     max_new_tokens = data_args.max_new_tokens or (110 if data_args.scenes_style == "long" else 48)
-    samples = [validation[i] for i in range(min(data_args.num_sample_captions, len(validation)))]
+    n_eval = max(data_args.num_sample_captions, data_args.eval_metrics_examples if data_args.eval_metrics else 0)
+    samples = [validation[i] for i in range(min(n_eval, len(validation)))]
     collator = NanoVLMCollator(processor, model_args.max_length)
     trainer_class, extra = Trainer, {}
     if data_args.aux_grounding_weight > 0:
@@ -288,7 +322,8 @@ def main(argv=None):
         train_dataset=train,
         eval_dataset=validation,
         processing_class=processor,
-        callbacks=[SampleCaptionsCallback(processor, samples, max_new_tokens, os.path.join(training_args.output_dir, "samples.jsonl"))],
+        callbacks=[SampleCaptionsCallback(processor, samples, max_new_tokens, os.path.join(training_args.output_dir, "samples.jsonl"),
+                                          data_args.eval_metrics, data_args.num_sample_captions)],
         **extra,
     )
     resume = training_args.resume_from_checkpoint
