@@ -10,7 +10,8 @@ Actions: "ok", "429" (with Retry-After), "500", "503", "hang" (answer only after
 past the client's timeout), "malformed" (HTTP 200 with a body that is not JSON), "empty_choices",
 "short" / "long" (well-formed answers outside the word range), "list" (a bulleted answer),
 "401" (echoes the bearer token in the error body, as some servers do), "raw:TEXT" (TEXT as the
-answer). Every request is logged with its item, style, action, arrival time, Authorization header,
+answer). `refuse_formats` ({"json_schema": 500}) answers requests whose response_format has such a
+type with that status, as llama.cpp's server does, before any action is played. Every request is logged with its item, style, action, arrival time, Authorization header,
 body and (for answers) the usage it reported.
 """
 
@@ -38,8 +39,10 @@ def child_text(n_words: int) -> str:
 
 
 class FakeOpenAIServer:
-    def __init__(self, script: dict | None = None, default: str = "ok", latency: float = 0.0, hang_seconds: float = 3.0, retry_after: str = "1"):
+    def __init__(self, script: dict | None = None, default: str = "ok", latency: float = 0.0, hang_seconds: float = 3.0, retry_after: str = "1",
+                 refuse_formats: dict | None = None):
         self.script = script or {}
+        self.refuse_formats = refuse_formats or {}
         self.default = default
         self.latency = latency
         self.hang_seconds = hang_seconds
@@ -110,12 +113,15 @@ class FakeOpenAIServer:
                 lo_hi = RANGE.search(text)
                 lo, hi = (int(lo_hi.group(1)), int(lo_hi.group(2))) if lo_hi else (20, 25)
                 style = {(20, 25): "short", (60, 70): "long"}.get((lo, hi), f"{lo}-{hi}")
-                action = server._next_action(item, style)
+                refused = server.refuse_formats.get((body.get("response_format") or {}).get("type"))
+                action = "refused" if refused else server._next_action(item, style)
                 entry = {"item": item, "style": style, "action": action, "t": time.time(), "auth": self.headers.get("Authorization"), "body": body}
                 with server._lock:
                     server.log.append(entry)
                 if server.latency:
                     time.sleep(server.latency)
+                if refused:
+                    return self._send(refused, {"error": {"message": "this response_format is not supported"}})
                 if action == "429":
                     return self._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}}, {"Retry-After": server.retry_after})
                 if action in ("500", "503"):

