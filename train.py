@@ -7,6 +7,7 @@
         --validation_caption_file ../shared/data/flickr8k/captions_val.json
     python train.py --dataset hf --data_path DIR_OR_HUB_NAME --image_column image --text_column caption
     python train.py --recipe configuration/recipes/mini_scenes.json --max_steps 100   # recipe, then overrides
+    python train.py --push_to_hub --hub_model_id ORG/NAME   # then push model, code and model card to the Hub
     accelerate launch --config_file configuration/accelerate/multi_gpu.yaml train.py --preset base
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
         --dynamo_backend no train.py --use_cpu          # two CPU ranks (plain --cpu starts one)
@@ -20,7 +21,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from evaluation.caption_metrics import caption_scores
 from evaluation.captioning import generate_captions
 from evaluation.plots import plot_caption_grid, plot_loss_curve
 from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMProcessor
-from processing import data, scenes
+from processing import data, push_to_hub, scenes
 from processing.collator import NanoVLMCollator
 from processing.tokenizer import train_tokenizer
 
@@ -294,6 +295,7 @@ def main(argv=None):
         raise ValueError("--eval_metrics grounding needs --dataset scenes (it uses the scenes' ground truth); use cider")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.set_seed(training_args.seed)
+    hub_repo = push_to_hub.take_over_trainer_push(training_args)  # --push_to_hub: repo checked now, pushed at the end
     started = time.time()
     image_size = model_args.image_size or 224
     bad = data.BadImages()
@@ -303,6 +305,8 @@ def main(argv=None):
         processor = build_processor(model_args, train["text"], image_size, training_args.output_dir)
         if training_args.process_index == 0:
             processor.save_pretrained(training_args.output_dir)
+            with open(os.path.join(training_args.output_dir, "arguments.json"), "w") as f:  # for the model card
+                json.dump({"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()}, f, indent=2)
     model = build_model(model_args, len(processor.tokenizer))
     logger.info("%s parameters, %d training / %d validation examples", f"{model.num_parameters():,}", len(train), len(validation))
     max_new_tokens = data_args.max_new_tokens or (110 if data_args.scenes_style == "long" else 48)
@@ -342,6 +346,8 @@ def main(argv=None):
         print(json.dumps(summary | {"wall_seconds": metrics["wall_seconds"], "output_dir": training_args.output_dir}, indent=2))
         if bad.rows:
             print(f"skipped {len(bad.rows)} unreadable image(s); see metrics.json 'data.skipped_bad_images'")
+        if hub_repo:
+            push_to_hub.push_after_training(training_args, hub_repo)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ def test_auto_classes_resolve_to_nanovlm(trained_dir):
     assert isinstance(AutoProcessor.from_pretrained(path), NanoVLMProcessor)
 
 
-FRESH_PROCESS = textwrap.dedent(
+# The start of a script for a fresh process in which the project cannot be imported (`.format(project=ROOT)`).
+BLOCK_PROJECT = textwrap.dedent(
     """
     import importlib.abc, json, sys
     class Block(importlib.abc.MetaPathFinder):  # the project package must not be importable
@@ -89,6 +90,10 @@ FRESH_PROCESS = textwrap.dedent(
                 raise ImportError(name + " is blocked: remote code must not need the project")
     sys.meta_path.insert(0, Block())
     sys.path = [p for p in sys.path if p not in ("", {project!r})]
+    """
+)
+FRESH_PROCESS = BLOCK_PROJECT + textwrap.dedent(
+    """
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
     path = {path!r}
