@@ -39,6 +39,9 @@ from processing.build_descriptions import _safe_url
 logger = logging.getLogger("evaluation")
 
 PARTS = ("grounding", "captions", "novelty", "judge")
+DATA_SETTINGS = {"scenes": ("scenes_style", "scenes_seed", "train_examples"),
+                 "coco": ("caption_file", "image_dir", "train_caption_file", "train_caption_policy"),
+                 "hf": ("data_path", "split", "image_column", "text_column", "references_column")}
 
 
 @dataclass
@@ -240,8 +243,7 @@ def main(argv=None) -> int:
         "settings": {
             "model": args.model, "preset": getattr(config, "preset", None), "num_parameters": model.num_parameters(),
             "vision_feature_select": config.vision_feature_select, "dataset": args.dataset,
-            "data": {k: getattr(args, k) for k in ("scenes_style", "scenes_seed", "caption_file", "image_dir", "data_path", "split")
-                     if getattr(args, k) is not None},
+            "data": {k: getattr(args, k) for k in DATA_SETTINGS[args.dataset] if getattr(args, k) is not None},
             "num_examples": len(d.images), "parts": parts, "max_new_tokens": max_new_tokens, "decoding": "greedy",
             "batch_size": args.batch_size, "device": device, "seed": args.seed, **settings,
             "versions": {p: version(p) for p in ("torch", "transformers", "pycocoevalcap", "rouge_score")},
