@@ -1,0 +1,77 @@
+"""python -m benchmarks on tiny settings: the peer matches NanoVLM's sizes and targets, and the report
+holds every figure with sane values (no timing targets: this machine is shared)."""
+
+import json
+
+import torch
+from conftest import toy_image
+
+from benchmarks.__main__ import TARGETS, Settings, run
+from benchmarks.peer import build_peer, peer_inputs
+from benchmarks.sizes import preset_sizes
+from processing.collator import NanoVLMCollator
+
+TINY = Settings(
+    presets=("mini",), batch_size=4, train_steps=1, warmup_steps=1, lengths=(3, 5), generate_reps={1: 1, 4: 1},
+    cache_reps=1, processor_images=4, matmul_sizes=(128,), matmul_seconds=0.05, mfu_preset="mini", bf16_steps=1,
+    ttq_seconds=1.0, ttq_eval_seconds=1.0, ttq_train_examples=8, ttq_validation_examples=4, tokenizer_texts=200,
+)
+
+
+def test_peer_has_nanovlm_sizes_and_targets(tester, processor, images):
+    config = tester.get_config()
+    peer = build_peer(config)
+    vit, gpt2 = peer.config.encoder, peer.config.decoder
+    assert (vit.image_size, vit.patch_size, vit.hidden_size, vit.num_hidden_layers, vit.num_attention_heads, vit.intermediate_size) == (
+        config.image_size, config.patch_size, config.vision_hidden_size, config.vision_num_hidden_layers,
+        config.vision_num_attention_heads, config.vision_intermediate_size)
+    assert (gpt2.n_embd, gpt2.n_layer, gpt2.n_head, gpt2.n_inner, gpt2.vocab_size) == (
+        config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size, config.vocab_size)
+    assert gpt2.add_cross_attention
+    batch = NanoVLMCollator(processor)([{"image": im, "text": t} for im, t in zip(images[:3], ["a b", "a red ball", "x"])])
+    inputs = peer_inputs(batch)
+    # The peer reads <bos> text and predicts text <eos>: NanoVLM's decoder inputs and targets.
+    decoder_ids = peer.prepare_decoder_input_ids_from_labels(inputs["labels"])
+    assert torch.equal(decoder_ids, batch["input_ids"][:, :-1])
+    assert torch.equal(inputs["labels"], batch["labels"][:, 1:])
+    assert peer(**inputs).loss.isfinite()
+
+
+def test_benchmark_report_has_every_figure(tmp_path):
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    for i in range(4):
+        toy_image(i, size=64).save(image_dir / f"{i}.jpg")
+    report = json.loads(json.dumps(run(TINY, threads=1, image_dir=str(image_dir))))  # plain JSON
+
+    for key in (*TARGETS, "date", "machine", "git", "versions", "parameters", "train", "generate", "cache", "processor",
+                "matmul_peak", "mfu", "time_to_quality", "targets"):
+        assert key in report, key
+    assert report["machine"]["threads"] == 1 and report["machine"]["device"] == "cpu"
+    assert report["versions"]["torch"] == torch.__version__
+    assert set(report["targets"]) == set(TARGETS)
+
+    sizes = report["parameters"]["mini"]
+    assert sizes["nanovlm_vocab_25000"] == preset_sizes()["mini"]["total"]
+    assert sizes["peer_vocab_25000"] > 0 and sizes["nanovlm"] < sizes["nanovlm_vocab_25000"]
+
+    for setup in ("as_user_runs_it", "equal_precision"):
+        for side in ("nanovlm", "peer"):
+            run_ = report["train"]["mini"][setup][side]
+            assert run_["samples_per_s"] > 0 and run_["batch_size"] == 4
+            assert run_["peak_rss_mb"] >= run_["rss_at_start_mb"] > 0
+    assert report["train_speedup_vs_peer"] > 0 and report["train_speedup_vs_peer_equal_precision"] > 0
+    assert set(report["generate_speedup_vs_peer"]) == {"batch_1", "batch_4"}
+    assert all(v > 0 for by_length in report["generate_speedup_vs_peer"].values() for v in by_length.values())
+    assert report["cache"]["tokens_identical"] and report["cache_speedup"] > 0
+
+    # A forward + backward pass costs at least 6 FLOPs per vision-tower weight and patch token.
+    vision = preset_sizes()["mini"]["vision"]
+    assert report["mfu"]["flops_per_step"] > 6 * vision * 196 * 4
+    assert 0 < report["mfu_fp32"] < 10 and report["mfu_bf16"] > 0
+    assert report["processor"]["images"] == 4 and report["data_to_train_ratio"] > 0
+
+    for side in ("nanovlm", "peer"):
+        points = report["time_to_quality"][side]["points"]
+        assert points and all(0 <= p["object_recall"] <= 1 and p["eval_loss"] > 0 for p in points)
+    assert "object_recall" in report["time_to_quality"]["summary"]
