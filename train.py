@@ -28,7 +28,6 @@ import torch.nn.functional as F
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, ViTImageProcessorPil
 
-from evaluation.caption_metrics import caption_scores
 from evaluation.captioning import generate_captions
 from evaluation.plots import plot_caption_grid, plot_loss_curve
 from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMProcessor
@@ -41,17 +40,17 @@ logger = logging.getLogger("train")
 # What `python train.py` does without arguments; any flag given on the command line wins.
 DEFAULTS = {
     "output_dir": "outputs/nanovlm-mini-scenes",
-    "learning_rate": 1e-3,
+    "learning_rate": 5e-4,
     "lr_scheduler_type": "cosine",
-    "warmup_steps": 50,
+    "warmup_steps": 100,
     "weight_decay": 0.01,
-    "per_device_train_batch_size": 32,
+    "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 64,
     "num_train_epochs": 1,
     "logging_steps": 20,
     "eval_strategy": "steps",
-    "eval_steps": 200,
-    "save_steps": 200,
+    "eval_steps": 500,
+    "save_steps": 500,
     "save_total_limit": 2,
     "report_to": "none",
     "remove_unused_columns": False,
@@ -62,10 +61,10 @@ DEFAULTS = {
 
 @dataclass
 class ModelArguments:
-    preset: str = field(default="mini", metadata={"help": "paper preset: mini, base or large"})
+    preset: str = field(default="mini-112", metadata={"help": "the paper's mini, base or large, or ours: mini-112"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "start from a saved NanoVLM folder"})
-    vision_feature_select: str = field(default="pooled", metadata={"help": "visual tokens: cls, pooled or all"})
-    image_size: int | None = field(default=None, metadata={"help": "input resolution (default 224)"})
+    vision_feature_select: str | None = field(default=None, metadata={"help": "visual tokens: cls, pooled or all (default: the preset's)"})
+    image_size: int | None = field(default=None, metadata={"help": "input resolution (default: the preset's)"})
     config_overrides: str | None = field(
         default=None, metadata={"help": "comma-separated config fields, e.g. 'hidden_dropout=0.0,vision_pool_size=4'"}
     )
@@ -78,7 +77,7 @@ class ModelArguments:
 class DataArguments:
     dataset: str = field(default="scenes", metadata={"help": "scenes, coco or hf"})
     scenes_style: str = field(default="short", metadata={"help": "scenes descriptions: short or long"})
-    num_train_examples: int = field(default=20000, metadata={"help": "scenes: training examples"})
+    num_train_examples: int = field(default=50000, metadata={"help": "scenes: training examples"})
     num_validation_examples: int = field(default=256, metadata={"help": "validation examples (scenes; cap for others)"})
     caption_file: str | None = field(default=None, metadata={"help": "coco: captions JSON for training"})
     image_dir: str | None = field(default=None, metadata={"help": "coco: folder of the images"})
@@ -97,10 +96,11 @@ class DataArguments:
                   "grounding (scenes: recall, precision, CHAIR-i, attribute accuracy) or cider (CIDEr-D vs the references)"},
     )
     eval_metrics_examples: int = field(default=64, metadata={"help": "validation images --eval_metrics is computed on"})
-    aux_grounding_weight: float = field(
-        default=0.0,
-        metadata={"help": "scenes: weight of a training-only loss that makes the visual tokens say which "
-                  "(kind, color) objects are in the image (0 = off); the saved model stays a plain captioner"},
+    aux_grounding_weight: float | None = field(
+        default=None,
+        metadata={"help": "scenes: weight of a training-only loss that makes each visual token say which "
+                  "object (kind, color) its cell shows; 0 = off, default 1.0 on scenes when the decoder reads "
+                  "a map of visual tokens (pooled or all), else off. The saved model stays a plain captioner"},
     )
 
 
@@ -164,10 +164,21 @@ def build_processor(model_args: ModelArguments, texts, image_size: int, output_d
     return NanoVLMProcessor(image_processor, tokenizer)
 
 
+def image_size_of(model_args: ModelArguments) -> int:
+    """--image_size, else the starting model's, else the preset's."""
+    if model_args.image_size:
+        return model_args.image_size
+    if model_args.model_name_or_path:
+        return NanoVLMConfig.from_pretrained(model_args.model_name_or_path).image_size
+    return NanoVLMConfig.from_preset(model_args.preset).image_size
+
+
 def build_model(model_args: ModelArguments, vocab_size: int) -> NanoVLMForConditionalGeneration:
     if model_args.model_name_or_path:
         return NanoVLMForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
-    overrides = {"vision_feature_select": model_args.vision_feature_select, "vocab_size": vocab_size}
+    overrides = {"vocab_size": vocab_size}
+    if model_args.vision_feature_select:
+        overrides["vision_feature_select"] = model_args.vision_feature_select
     if model_args.image_size:
         overrides["image_size"] = model_args.image_size
     for item in filter(None, (model_args.config_overrides or "").split(",")):
@@ -179,28 +190,34 @@ def build_model(model_args: ModelArguments, vocab_size: int) -> NanoVLMForCondit
 
 
 class SceneTargetsCollator:
-    """The usual batch plus `aux_targets`: a multi-hot (kind, color) vector per scene."""
+    """The usual batch plus `aux_kinds` and `aux_colors`: `(B, grid * grid)` ids of what each visual
+    token's cell of the picture shows (`scenes.token_labels`, 0 = background)."""
 
-    def __init__(self, collator: NanoVLMCollator):
-        self.collator = collator
-        self.index = {(k, c): i for i, (k, c) in enumerate((k, c) for k in scenes.KINDS for c in scenes.COLORS)}
+    def __init__(self, collator: NanoVLMCollator, grid: int):
+        self.collator, self.grid = collator, grid
 
     def __call__(self, examples):
         batch = self.collator(examples)
-        targets = torch.zeros(len(examples), len(self.index))
-        for row, ex in enumerate(examples):
-            for obj in scenes.scene_from_row(ex)["objects"]:
-                targets[row, self.index[obj["kind"], obj["color"]]] = 1.0
-        batch["aux_targets"] = targets
+        labels = [scenes.token_labels(scenes.scene_from_row(ex), self.grid) for ex in examples]
+        batch["aux_kinds"] = torch.tensor([k for k, _ in labels])
+        batch["aux_colors"] = torch.tensor([c for _, c in labels])
         return batch
 
 
-class AuxGroundingTrainer(Trainer):
-    """Adds `weight * BCE(max over visual tokens of head(token), aux_targets)` to the training loss.
+def token_grid(config: NanoVLMConfig) -> int:
+    """Side of the square map of visual tokens the decoder reads (the [CLS] token aside)."""
+    if config.vision_feature_select == "cls":
+        raise ValueError("--aux_grounding_weight needs a map of visual tokens: use --vision_feature_select pooled or all")
+    return config.vision_pool_size if config.vision_feature_select == "pooled" else config.image_size // config.patch_size
 
-    The head (`model.aux_grounding_head`, one Linear) gives the vision tower a direct signal for
-    what is in the picture, far denser than the few caption tokens that name objects. It is
-    trained and checkpointed with the model and removed before the final save.
+
+class AuxGroundingTrainer(Trainer):
+    """Adds `weight * (CE(kind) + CE(color))` over every visual token's cell to the training loss.
+
+    The head (`model.aux_grounding_head`, one Linear on the projected visual tokens the decoder
+    reads) tells each token which object, if any, it covers: a dense signal that teaches the
+    vision tower to see far faster than the few caption tokens that name objects. It is trained
+    and checkpointed with the model and removed before the final save.
     """
 
     def __init__(self, *args, aux_weight: float, **kwargs):
@@ -208,12 +225,14 @@ class AuxGroundingTrainer(Trainer):
         self.aux_weight = aux_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = inputs.pop("aux_targets", None)
+        kinds, colors = inputs.pop("aux_kinds", None), inputs.pop("aux_colors", None)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if targets is not None and model.training:
-            head = self.accelerator.unwrap_model(model).aux_grounding_head
-            logits = head(outputs.image_hidden_states).amax(dim=1)  # (B, kinds * colors)
-            aux = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+        if kinds is not None and model.training:
+            tokens = outputs.image_hidden_states[:, -kinds.shape[1]:]  # the map, without [CLS]
+            logits = self.accelerator.unwrap_model(model).aux_grounding_head(tokens).float()
+            num_kinds = len(scenes.KINDS) + 1
+            aux = F.cross_entropy(logits[..., :num_kinds].flatten(0, 1), kinds.flatten()) + F.cross_entropy(
+                logits[..., num_kinds:].flatten(0, 1), colors.flatten())
             loss = loss + self.aux_weight * aux / self.args.gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
 
@@ -224,6 +243,8 @@ def eval_metric_scores(name: str, captions: list[str], examples: list[dict]) -> 
         scores = scenes.grounding_scores(captions, [ex["scene"] for ex in examples])
         keys = ("object_recall", "object_precision", "chair_i", "attribute_accuracy")
         return {f"eval_grounding_{k}": scores[k] for k in keys}
+    from evaluation.caption_metrics import caption_scores  # pycocoevalcap: only loaded when asked for
+
     references = [ex.get("references") or [ex["text"]] for ex in examples]  # coco rows carry every caption
     return {"eval_cider_d": caption_scores(captions, references, tokenizer="simple")["cider_d"]}
 
@@ -297,7 +318,7 @@ def main(argv=None):
     transformers.set_seed(training_args.seed)
     hub_repo = push_to_hub.take_over_trainer_push(training_args)  # --push_to_hub: repo checked now, pushed at the end
     started = time.time()
-    image_size = model_args.image_size or 224
+    image_size = image_size_of(model_args)
     bad = data.BadImages()
     os.makedirs(training_args.output_dir, exist_ok=True)
     with training_args.main_process_first(desc="data and tokenizer"):
@@ -314,11 +335,16 @@ def main(argv=None):
     samples = [validation[i] for i in range(min(n_eval, len(validation)))]
     collator = NanoVLMCollator(processor, model_args.max_length)
     trainer_class, extra = Trainer, {}
-    if data_args.aux_grounding_weight > 0:
+    aux_weight = data_args.aux_grounding_weight
+    if aux_weight is None:
+        aux_weight = 1.0 if data_args.dataset == "scenes" and model.config.vision_feature_select != "cls" else 0.0
+    if aux_weight > 0:
         if data_args.dataset != "scenes":
             raise ValueError("--aux_grounding_weight needs --dataset scenes (it uses the scenes' ground truth)")
-        model.aux_grounding_head = torch.nn.Linear(model.config.hidden_size, len(scenes.KINDS) * len(scenes.COLORS))
-        collator, trainer_class, extra = SceneTargetsCollator(collator), AuxGroundingTrainer, {"aux_weight": data_args.aux_grounding_weight}
+        grid = token_grid(model.config)
+        model.aux_grounding_head = torch.nn.Linear(model.config.hidden_size, len(scenes.KINDS) + len(scenes.COLORS) + 2)
+        collator, trainer_class = SceneTargetsCollator(collator, grid), AuxGroundingTrainer
+        extra = {"aux_weight": aux_weight}
     trainer = trainer_class(
         model=model,
         args=training_args,

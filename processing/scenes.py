@@ -39,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import datasets
+import numpy as np
 from PIL import Image, ImageDraw
 
 KINDS = ("ball", "box", "star", "tree", "house", "flower", "fish", "car", "heart")
@@ -167,6 +168,27 @@ def render_scene(scene: dict, image_size: int = 224) -> Image.Image:
             cx, cy, r = _object_center(place, g["size"], f"{g['kind']}|{g['color']}|{place}", s)
             _draw_object(draw, g["kind"], COLORS[g["color"]], cx, cy, r)
     return image
+
+
+def token_labels(scene: dict, grid: int, min_cover: float = 0.3) -> tuple[list[int], list[int]]:
+    """What each cell of a `grid` x `grid` map over the picture shows, row by row: two lists of
+    ids, 1 + the index in `KINDS` and 1 + the index in `COLORS` of the object drawn over at least
+    `min_cover` of the cell (the most-covered one where two are), 0 for background. Every object
+    keeps at least its most-covered cell. The map of a model's patch (or pooled) tokens, for a
+    per-token training signal."""
+    side = 8 * grid  # masks drawn at 8x8 pixels a cell
+    kinds, colors, cover = [0] * grid * grid, [0] * grid * grid, np.zeros(grid * grid)
+    for g in scene["objects"]:
+        k, c = KINDS.index(g["kind"]) + 1, list(COLORS).index(g["color"]) + 1
+        for place in g["places"]:
+            mask = Image.new("RGB", (side, side))
+            _draw_object(ImageDraw.Draw(mask), g["kind"], (255, 255, 255),
+                         *_object_center(place, g["size"], f"{g['kind']}|{g['color']}|{place}", side))
+            share = (np.asarray(mask).max(-1) > 0).reshape(grid, 8, grid, 8).mean(axis=(1, 3)).ravel()
+            for t in set(np.flatnonzero(share >= min_cover)) | {int(share.argmax())}:
+                if share[t] > cover[t]:
+                    kinds[t], colors[t], cover[t] = k, c, share[t]
+    return kinds, colors
 
 
 # ----------------------------------------------------------------------------- descriptions

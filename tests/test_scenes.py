@@ -11,7 +11,7 @@ from PIL import Image
 from processing.scenes import (
     BACKGROUNDS, COLORS, KINDS, MANY, MIN_COLOR_DISTANCE, PLACES, PLURALS, TRAIN_SEED, VALIDATION_SEED, WORD_RANGES,
     describe_scene, example_seed, ground_description, grounding_scores, make_example, render_scene,
-    parse_mentions, sample_scene, scene_from_row, scene_texts, scenes_dataset,
+    parse_mentions, sample_scene, scene_from_row, scene_texts, scenes_dataset, token_labels,
 )
 
 N = 500
@@ -130,6 +130,26 @@ def test_object_colors_are_drawn():
             assert COLORS[g["color"]] in drawn, (g, scene["background"])
         if scene["background"] == "night":
             assert (250, 240, 180) in drawn  # "I see the moon." must stay true
+
+
+@pytest.mark.parametrize("grid", [7, 14])
+def test_token_labels_mark_the_cells_the_objects_are_drawn_in(grid):
+    size, names = 112, (list(KINDS), list(COLORS))
+    for scene in scenes(200):
+        pixels = np.asarray(render_scene(scene, size))
+        kinds, colors = token_labels(scene, grid)
+        assert len(kinds) == len(colors) == grid * grid
+        assert all((k == 0) == (c == 0) for k, c in zip(kinds, colors))
+        cell = size // grid
+        for t, (k, c) in enumerate(zip(kinds, colors)):
+            if k:  # the cell shows that object's color or its outline shade, and it is in the scene
+                patch = pixels[t // grid * cell:(t // grid + 1) * cell, t % grid * cell:(t % grid + 1) * cell]
+                rgb = COLORS[names[1][c - 1]]
+                shades = [rgb, tuple(int(v * 0.55) for v in rgb)] + [(60, 60, 60)] * (names[0][k - 1] == "car")  # wheels
+                assert any((patch == shade).all(axis=-1).any() for shade in shades), (scene, t)
+                assert any(g["kind"] == names[0][k - 1] and g["color"] == names[1][c - 1] for g in scene["objects"])
+        labelled = {(names[0][k - 1], names[1][c - 1]) for k, c in zip(kinds, colors) if k}
+        assert labelled == {(g["kind"], g["color"]) for g in scene["objects"]}, scene  # every object has a cell
 
 
 def test_big_objects_are_clearly_bigger():

@@ -18,7 +18,7 @@ from processing import data
 ROOT = Path(__file__).resolve().parents[1]
 FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
 TINY_MODEL = [
-    "--image_size", "32", "--vocab_size", "300", "--config_overrides",
+    "--preset", "mini", "--vision_feature_select", "pooled", "--image_size", "32", "--vocab_size", "300", "--config_overrides",
     "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,vision_hidden_size=32,vision_num_attention_heads=4,"
     "patch_size=8,vision_stem_channels=16,vision_pool_size=2,max_position_embeddings=128",
 ]
@@ -191,6 +191,21 @@ def test_flickr8k_in_coco_layout():
 def test_missing_shared_data_is_said_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="caption file .*does not exist"):
         data.load_coco_captions(str(tmp_path / "nope.json"), str(tmp_path))
+
+
+def test_default_recipe_names_what_is_in_the_picture(tmp_path):
+    """A short version of the default run (mini-112, per-token auxiliary loss, lr 5e-4, batch 16):
+    16,000 scenes, about 4.5 minutes on 2 cores. It measured recall 0.133 and CHAIR-i 0.73 on 100
+    validation scenes where the former default (mini at 224 pixels, pooled visual tokens, no
+    auxiliary loss) reached 0.034 after 20,000; the full default crosses 0.8 (README)."""
+    out = tmp_path / "see"
+    train.main(["--output_dir", str(out), "--num_train_examples", "16000", "--num_validation_examples", "100",
+                "--eval_strategy", "no", "--save_strategy", "no", "--num_sample_captions", "0",
+                "--disable_tqdm", "true", "--use_cpu"])
+    result = metrics(out)
+    assert result["train_examples_seen"] == 16000
+    assert result["grounding.object_recall"] >= 0.10, result
+    assert result["grounding.chair_i"] <= 0.85, result
 
 
 def test_aux_grounding_head_trains_but_is_not_released(tmp_path):
