@@ -96,8 +96,10 @@ def ratio(a, b):
 
 
 def fixed_batch(processor, batch_size: int) -> dict:
-    """train.py's collator over the first `batch_size` training scenes: the batch every timing uses."""
-    examples = [scenes.make_example(scenes.example_seed(scenes.TRAIN_SEED, i)) for i in range(batch_size)]
+    """train.py's collator over the first `batch_size` training scenes: the batch every timing uses
+    (drawn at the processor's image size)."""
+    size = processor.image_processor.size["height"]
+    examples = [scenes.make_example(scenes.example_seed(scenes.TRAIN_SEED, i), image_size=size) for i in range(batch_size)]
     return NanoVLMCollator(processor, max_length=128)(examples)
 
 
@@ -167,10 +169,18 @@ def _run(settings, device, threads, bf16, image_dir, work) -> dict:
     measure = functools.partial(speed.isolated, device=device, threads=threads)
     model_args = speed.train.parse_args([])[0]
     preset = model_args.preset  # train.py's default
-    processor = speed.train.build_processor(model_args, scenes.scene_texts(settings.tokenizer_texts), 224, work)
+    texts = scenes.scene_texts(settings.tokenizer_texts)
+    processor = speed.train.build_processor(model_args, texts, speed.train.image_size_of(model_args), work)
     processor.save_pretrained(work)
     vocab, bos = len(processor.tokenizer), processor.tokenizer.bos_token_id
     batch = fixed_batch(processor, settings.batch_size)
+    batches = {}  # image size -> the same scenes at that size (presets differ: mini-112 vs the paper's 224)
+
+    def batch_for(name: str) -> dict:
+        size = speed.train.image_size_of(speed.train.parse_args(["--preset", name])[0])
+        if size not in batches:
+            batches[size] = fixed_batch(speed.train.build_processor(model_args, texts, size, work), settings.batch_size)
+        return batches[size]
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
         "machine": machine(device, threads), "git": git_state(),
@@ -189,7 +199,7 @@ def _run(settings, device, threads, bf16, image_dir, work) -> dict:
     def train_run(side, preset, bf16, steps=settings.train_steps, warmup=settings.warmup_steps):
         if (side, preset, bf16) not in runs:
             runs[side, preset, bf16] = result = measure(
-                speed.train_speed, side=side, preset=preset, batch=batch, vocab_size=vocab, steps=steps, warmup=warmup,
+                speed.train_speed, side=side, preset=preset, batch=batch_for(preset), vocab_size=vocab, steps=steps, warmup=warmup,
                 bf16=bf16, count_flops=side == "nanovlm" and preset == settings.mfu_preset and not bf16,
             )
             logger.info("train %s %s %s: %.1f samples/s, peak %.0f MB", side, preset, "bf16" if bf16 else "fp32",

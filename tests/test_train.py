@@ -193,6 +193,7 @@ def test_missing_shared_data_is_said_clearly(tmp_path):
         data.load_coco_captions(str(tmp_path / "nope.json"), str(tmp_path))
 
 
+@pytest.mark.timeout(1200)  # about 4.5 minutes alone on 2 cores; more when the CPU is shared
 def test_default_recipe_names_what_is_in_the_picture(tmp_path):
     """A short version of the default run (mini-112, per-token auxiliary loss, lr 5e-4, batch 16):
     16,000 scenes, about 4.5 minutes on 2 cores. It measured recall 0.133 and CHAIR-i 0.73 on 100
@@ -223,7 +224,8 @@ def test_aux_grounding_head_trains_but_is_not_released(tmp_path):
 def test_make_it_see_tabulates_recipes(tmp_path):
     recipe = tmp_path / "tiny.json"
     recipe.write_text(json.dumps({"_name": "tiny", "_change": "a tiny run", "num_train_examples": 32,
-                                  "num_validation_examples": 8, "max_steps": 2, "eval_strategy": "no", "save_strategy": "no"}))
+                                  "num_validation_examples": 8, "max_steps": 2, "per_device_train_batch_size": 32,
+                                  "eval_strategy": "no", "save_strategy": "no"}))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "benchmarks.make_it_see", str(recipe), "--output", str(tmp_path / "see.json"),
            "--output_root", str(tmp_path / "runs"), "--", *TINY_MODEL, *QUIET, "--use_cpu"]
