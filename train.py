@@ -237,6 +237,21 @@ class AuxGroundingTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def trainer_setup(model, data_args: DataArguments, collator: NanoVLMCollator):
+    """(collator, Trainer class, extra Trainer kwargs) for this run: with the per-token grounding loss
+    (default on scenes when the decoder reads a map of visual tokens) `model` gets its auxiliary head."""
+    aux_weight = data_args.aux_grounding_weight
+    if aux_weight is None:
+        aux_weight = 1.0 if data_args.dataset == "scenes" and model.config.vision_feature_select != "cls" else 0.0
+    if aux_weight <= 0:
+        return collator, Trainer, {}
+    if data_args.dataset != "scenes":
+        raise ValueError("--aux_grounding_weight needs --dataset scenes (it uses the scenes' ground truth)")
+    grid = token_grid(model.config)
+    model.aux_grounding_head = torch.nn.Linear(model.config.hidden_size, len(scenes.KINDS) + len(scenes.COLORS) + 2)
+    return SceneTargetsCollator(collator, grid), AuxGroundingTrainer, {"aux_weight": aux_weight}
+
+
 def eval_metric_scores(name: str, captions: list[str], examples: list[dict]) -> dict:
     """`--eval_metrics` on captions of validation rows: grounding (scenes) or cider (CIDEr-D)."""
     if name == "grounding":
@@ -333,18 +348,7 @@ def main(argv=None):
     max_new_tokens = data_args.max_new_tokens or (110 if data_args.scenes_style == "long" else 48)
     n_eval = max(data_args.num_sample_captions, data_args.eval_metrics_examples if data_args.eval_metrics else 0)
     samples = [validation[i] for i in range(min(n_eval, len(validation)))]
-    collator = NanoVLMCollator(processor, model_args.max_length)
-    trainer_class, extra = Trainer, {}
-    aux_weight = data_args.aux_grounding_weight
-    if aux_weight is None:
-        aux_weight = 1.0 if data_args.dataset == "scenes" and model.config.vision_feature_select != "cls" else 0.0
-    if aux_weight > 0:
-        if data_args.dataset != "scenes":
-            raise ValueError("--aux_grounding_weight needs --dataset scenes (it uses the scenes' ground truth)")
-        grid = token_grid(model.config)
-        model.aux_grounding_head = torch.nn.Linear(model.config.hidden_size, len(scenes.KINDS) + len(scenes.COLORS) + 2)
-        collator, trainer_class = SceneTargetsCollator(collator, grid), AuxGroundingTrainer
-        extra = {"aux_weight": aux_weight}
+    collator, trainer_class, extra = trainer_setup(model, data_args, NanoVLMCollator(processor, model_args.max_length))
     trainer = trainer_class(
         model=model,
         args=training_args,

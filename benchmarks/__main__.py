@@ -256,7 +256,8 @@ def _run(settings, device, threads, bf16, image_dir, work) -> dict:
         report["data_to_train_ratio"] = None
         logger.warning("processor benchmark skipped: %s", report["processor"]["skipped"])
 
-    ttq = {side: measure(quality.time_to_quality, side=side, preset=preset, processor_dir=work, batch_size=settings.batch_size,
+    ttq_batch = speed.train.parse_args([])[2].per_device_train_batch_size  # train.py's default
+    ttq = {side: measure(quality.time_to_quality, side=side, preset=preset, processor_dir=work, batch_size=ttq_batch,
                          num_train=settings.ttq_train_examples, num_validation=settings.ttq_validation_examples,
                          budget_seconds=settings.ttq_seconds, eval_seconds=settings.ttq_eval_seconds, bf16=bf16)
            for side in speed.SIDES}

@@ -79,11 +79,11 @@ def training_arguments(side: str, batch_size: int, max_steps: int, device: str, 
     return train.parse_args([a for k, v in common.items() for a in (f"--{k}", str(v))])[2]
 
 
-def fit(model, args: TrainingArguments, dataset, collator, callback: TrainerCallback):
-    """`Trainer.train()` in a temporary output folder, without printing its logs."""
+def fit(model, args: TrainingArguments, dataset, collator, callback: TrainerCallback, trainer_class=Trainer, **kwargs):
+    """`trainer_class(...).train()` in a temporary output folder, without printing its logs."""
     with tempfile.TemporaryDirectory() as out:
         args.output_dir = out
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[callback])
+        trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[callback], **kwargs)
         trainer.remove_callback(PrinterCallback)
         trainer.train()
 
