@@ -61,7 +61,7 @@ DEFAULTS = {
 
 @dataclass
 class ModelArguments:
-    preset: str = field(default="mini-112", metadata={"help": "the paper's mini, base or large, or ours: mini-112"})
+    preset: str = field(default="mini-112", metadata={"help": "the paper's mini, base or large, or ours: mini-112, base-112, large-112"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "start from a saved NanoVLM folder"})
     vision_feature_select: str | None = field(default=None, metadata={"help": "visual tokens: cls, pooled or all (default: the preset's)"})
     image_size: int | None = field(default=None, metadata={"help": "input resolution (default: the preset's)"})

@@ -29,11 +29,12 @@ PRESETS = {
     ),
 }
 
-# Ours, on top of the paper's: its mini made to see (README, "What makes it see"). 112x112 pixels
+# Ours, on top of the paper's: its presets made to see (README, "What makes it see"). 112x112 pixels
 # (4x fewer patches), the decoder reads every patch token (49 + [CLS]) instead of [CLS] alone, no
-# dropout. train.py trains it by default, with a per-token auxiliary loss on the built-in scenes.
+# dropout. train.py trains mini-112 by default, with a per-token auxiliary loss on the built-in scenes.
 SEEING_PRESETS = {
-    "mini-112": dict(PRESETS["mini"], image_size=112, vision_feature_select="all", hidden_dropout=0.0),
+    f"{name}-112": dict(PRESETS[name], image_size=112, vision_feature_select="all", hidden_dropout=0.0)
+    for name in ("mini", "base", "large")
 }
 
 VISION_FEATURE_SELECTS = ("cls", "pooled", "all")
@@ -151,8 +152,8 @@ class NanoVLMConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "NanoVLMConfig":
-        """A config for one of the paper's presets (`mini`, `base`, `large`) or ours (`mini-112`), with
-        field overrides."""
+        """A config for one of the paper's presets (`mini`, `base`, `large`) or ours (`mini-112`,
+        `base-112`, `large-112`), with field overrides."""
         presets = {**PRESETS, **SEEING_PRESETS}
         if name not in presets:
             raise ValueError(f"preset must be one of {sorted(presets)}, got {name!r}")
