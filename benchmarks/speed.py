@@ -98,27 +98,48 @@ def training_flops(model, inputs: dict, device: str) -> int:
 
 
 class StepClock(TrainerCallback):
-    def __init__(self, device):
+    """Times each step; stops training once `steps` steps after the `warmup` ones took `min_seconds`."""
+
+    def __init__(self, device, warmup=0, steps=None, min_seconds=0.0):
         self.device, self.times = device, []
+        self.warmup, self.steps, self.min_seconds = warmup, steps, min_seconds
 
     def on_step_end(self, args, state, control, **kwargs):
         synchronize(self.device)
         self.times.append(time.perf_counter())
+        timed = len(self.times) - self.warmup
+        if self.steps is not None and timed >= self.steps and self.times[-1] - self.times[self.warmup - 1] >= self.min_seconds:
+            control.should_training_stop = True
 
 
-def train_speed(device, side, preset, batch, vocab_size, steps, warmup, bf16, count_flops=False) -> dict:
-    """Training samples/s (forward, backward, AdamW step) through the Trainer, on one fixed batch."""
+class Repeated(torch.utils.data.Dataset):
+    """`length` rows cycling over the rows of one batch."""
+
+    def __init__(self, inputs: dict, length: int):
+        self.inputs, self.size, self.length = inputs, len(next(iter(inputs.values()))), length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return {k: v[i % self.size] for k, v in self.inputs.items()}
+
+
+def train_speed(device, side, preset, batch, vocab_size, steps, warmup, bf16, min_seconds=0.0, count_flops=False) -> dict:
+    """Training samples/s (forward, backward, AdamW step) through the Trainer, on one fixed batch:
+    at least `steps` timed steps after `warmup` ones, and at least `min_seconds` of them."""
     model = build_model(side, preset, vocab_size)
     inputs = batch if side == "nanovlm" else peer_inputs(batch)
     size = len(batch["input_ids"])
-    result = {"batch_size": size, "steps": steps, "warmup_steps": warmup, "bf16": bf16, "parameters": model.num_parameters()}
+    result = {"batch_size": size, "warmup_steps": warmup, "bf16": bf16, "parameters": model.num_parameters()}
     if count_flops:
         result["flops_per_step"] = training_flops(model, inputs, device)
-    rows = [{k: v[i % size] for k, v in inputs.items()} for i in range(size * (warmup + steps))]
-    clock = StepClock(device)
-    fit(model, training_arguments(side, size, warmup + steps, device, bf16), rows, default_data_collator, clock)
+    max_steps = warmup + max(steps, 100_000)  # the clock stops it
+    clock = StepClock(device, warmup, steps, min_seconds)
+    fit(model, training_arguments(side, size, max_steps, device, bf16), Repeated(inputs, size * max_steps), default_data_collator, clock)
+    timed = len(clock.times) - warmup
     seconds = clock.times[-1] - clock.times[warmup - 1]
-    result.update(seconds=round(seconds, 3), samples_per_s=size * steps / seconds)
+    result.update(steps=timed, seconds=round(seconds, 3), samples_per_s=size * timed / seconds)
     return result
 
 
@@ -130,13 +151,14 @@ def _generate_inputs(side, pixel_values, bos):
 
 
 def _timed_generate(model, inputs, new_tokens, reps, device, **kwargs):
-    """(seconds per call, output ids) of greedy generation of exactly `new_tokens` tokens (<eos> suppressed)."""
+    """(seconds of the fastest of `reps` calls, output ids) of greedy generation of exactly `new_tokens`
+    tokens (<eos> suppressed)."""
     kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
     outputs = []
-    seconds = sum(_seconds(lambda: outputs.append(model.generate(**inputs, **kwargs)), device) for _ in range(reps))
+    seconds = min(_seconds(lambda: outputs.append(model.generate(**inputs, **kwargs)), device) for _ in range(reps))
     if outputs[-1].shape[1] != 1 + new_tokens:  # both sides start from one token: <bos> (the prompt) or decoder_start
         raise AssertionError(f"generated {outputs[-1].shape[1] - 1} tokens, not {new_tokens}")
-    return seconds / reps, outputs[-1]
+    return seconds, outputs[-1]
 
 
 @torch.no_grad()

@@ -9,10 +9,11 @@ from conftest import toy_image
 from benchmarks.__main__ import TARGETS, Settings, run
 from benchmarks.peer import build_peer, peer_inputs
 from benchmarks.sizes import preset_sizes
+from benchmarks.table import markdown
 from processing.collator import NanoVLMCollator
 
 TINY = Settings(
-    presets=("mini",), batch_size=4, train_steps=1, warmup_steps=1, lengths=(3, 5), generate_reps={1: 1, 4: 1},
+    presets=("mini",), batch_size=4, train_steps=1, train_seconds=0.0, train_repeats=2, warmup_steps=1, lengths=(3, 5), generate_reps={1: 1, 4: 1},
     cache_reps=1, processor_images=4, matmul_sizes=(128,), matmul_seconds=0.05, mfu_preset="mini", bf16_steps=1,
     ttq_seconds=1.0, ttq_eval_seconds=1.0, ttq_train_examples=8, ttq_validation_examples=4, tokenizer_texts=200,
 )
@@ -58,7 +59,8 @@ def test_benchmark_report_has_every_figure(tmp_path):
     for setup in ("as_user_runs_it", "equal_precision"):
         for side in ("nanovlm", "peer"):
             run_ = report["train"]["mini"][setup][side]
-            assert run_["samples_per_s"] > 0 and run_["batch_size"] == 4
+            assert run_["samples_per_s"] > 0 and run_["batch_size"] == 4 and run_["steps"] >= 1
+            assert run_["samples_per_s"] == max(run_["samples_per_s_repeats"]) and len(run_["samples_per_s_repeats"]) == 2
             assert run_["peak_rss_mb"] >= run_["rss_at_start_mb"] > 0
     assert report["train_speedup_vs_peer"] > 0 and report["train_speedup_vs_peer_equal_precision"] > 0
     assert set(report["generate_speedup_vs_peer"]) == {"batch_1", "batch_4"}
@@ -75,3 +77,8 @@ def test_benchmark_report_has_every_figure(tmp_path):
         points = report["time_to_quality"][side]["points"]
         assert points and all(0 <= p["object_recall"] <= 1 and p["eval_loss"] > 0 for p in points)
     assert "object_recall" in report["time_to_quality"]["summary"]
+
+    table = markdown(report)  # the README's tables: every goal, every preset, every generation setting
+    assert all(f"| `{key}` |" in table for key in TARGETS)
+    assert "| mini | " in table and "| 1, 3 | " in table and "| 4, 5 | " in table
+    assert f"{report['cache_speedup']:.1f}x, identical tokens" in table

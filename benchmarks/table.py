@@ -1,0 +1,88 @@
+"""The README's benchmark tables, from a bench.json written by `python -m benchmarks`.
+
+    python -m benchmarks.table bench.json
+"""
+
+import argparse
+import json
+
+
+def _f(value, digits=2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def targets_table(report: dict) -> list[str]:
+    lines = ["| goal | value | target | met |", "|---|---|---|---|"]
+    for key, target in report["targets"].items():
+        met = {True: "yes", False: "no", None: "n/a"}[target["met"]]
+        note = f" ({target['note']})" if target.get("note") else ""
+        lines.append(f"| `{key}` | {_f(target['value'])} | >= {target['goal']} | {met}{note} |")
+    return lines
+
+
+def train_table(report: dict) -> list[str]:
+    lines = ["| preset | parameters NanoVLM / peer | NanoVLM samples/s | peer samples/s | speedup | peak RSS NanoVLM / peer (MB) |",
+             "|---|---|---|---|---|---|"]
+    for name, runs in report["train"].items():
+        nano, peer = runs["as_user_runs_it"]["nanovlm"], runs["as_user_runs_it"]["peer"]
+        counts = report["parameters"][name]
+        lines.append(
+            f"| {name} | {counts['nanovlm'] / 1e6:.2f}M / {counts['peer'] / 1e6:.2f}M | {_f(nano['samples_per_s'], 1)} | "
+            f"{_f(peer['samples_per_s'], 1)} | {_f(nano['samples_per_s'] / peer['samples_per_s'])}x | "
+            f"{nano['peak_rss_mb']:,.0f} / {peer['peak_rss_mb']:,.0f} |"
+        )
+    return lines
+
+
+def generate_table(report: dict) -> list[str]:
+    nano, peer = report["generate"]["nanovlm"], report["generate"]["peer"]
+    keys = [k for k in nano if k.startswith("batch_")]
+    lines = ["| batch, new tokens | NanoVLM captions/s | peer captions/s | speedup |", "|---|---|---|---|"]
+    for key in keys:
+        _, batch, _, tokens = key.split("_")
+        a, b = nano[key]["captions_per_s"], peer[key]["captions_per_s"]
+        lines.append(f"| {batch}, {tokens} | {_f(a, 1)} | {_f(b, 1)} | {_f(a / b)}x |")
+    return lines
+
+
+def other_lines(report: dict) -> list[str]:
+    cache, mfu, peak = report["cache"], report["mfu"], report["matmul_peak"]
+    lines = [
+        f"- Cache: {cache['new_tokens']} new tokens at batch {cache['batch_size']}: {cache['cached_seconds']:.3f} s with the"
+        f" KV cache, {cache['uncached_seconds']:.3f} s without ({report['cache_speedup']:.1f}x, identical tokens).",
+        f"- MFU ({mfu['preset']}, batch {mfu['batch_size']}, {mfu['flops_per_step'] / 1e9:.1f} GFLOP a step): fp32"
+        f" {mfu['fp32_achieved_gflops']:.0f} of {peak['fp32_gflops']:.0f} GFLOP/s ({report['mfu_fp32']:.2f}); bf16 autocast"
+        f" {mfu['bf16_achieved_gflops']:.1f} of {peak['bf16_gflops']:.1f} GFLOP/s ({report['mfu_bf16']:.2f}).",
+    ]
+    processor = report.get("processor", {})
+    if "images_per_s" in processor:
+        lines.append(f"- Processor: {processor['images_per_s']:.0f} Flickr8k JPEGs/s (decode, resize, normalize), "
+                     f"{report['data_to_train_ratio']:.1f}x NanoVLM's training samples/s.")
+    summary = report["time_to_quality"]["summary"]
+    for key, name in (("object_recall", "object recall"), ("eval_loss", "validation loss")):
+        s = summary[key]
+        lines.append(
+            f"- Time to quality ({name}): the peer ends at {_f(s['peer_final'], 3)} after {_f(s['peer_seconds'], 0)} s;"
+            f" NanoVLM reaches it after {_f(s['nanovlm_seconds'], 0)} s ({_f(s['speedup'])}x) and ends at {_f(s['nanovlm_final'], 3)}."
+        )
+    return lines
+
+
+def markdown(report: dict) -> str:
+    machine, git = report["machine"], report["git"]
+    head = (f"{report['date']}, {machine['cpu']} ({machine['threads']} threads, {machine['device']}), commit "
+            f"{(git['commit'] or '?')[:7]}{' (dirty)' if git['dirty'] else ''}, torch {report['versions']['torch']}, "
+            f"transformers {report['versions']['transformers']}")
+    parts = [head, "", *targets_table(report), "", *train_table(report), "", *generate_table(report), "", *other_lines(report)]
+    return "\n".join(parts)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("report", help="bench.json")
+    with open(parser.parse_args().report) as f:
+        print(markdown(json.load(f)))
+
+
+if __name__ == "__main__":
+    main()
