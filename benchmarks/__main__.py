@@ -61,7 +61,10 @@ class Settings:
     matmul_sizes: tuple = (1024, 2048, 4096)
     matmul_seconds: float = 3.0
     mfu_preset: str = "base"
-    bf16_steps: int = 2  # NanoVLM's bf16 MFU run (bf16 autocast is slow on CPUs without bf16 instructions)
+    bf16_steps: int = 2  # NanoVLM's bf16 MFU run
+    # Whether to run it: None = where bf16 is native (CUDA, or a CPU with avx512_bf16/amx_bf16). Without
+    # bf16 instructions a CPU runs bf16 matmuls in a fallback near 1 GFLOP/s: base would take minutes a step.
+    bf16_mfu: bool | None = None
     ttq_seconds: float = 240.0  # training budget per side
     ttq_eval_seconds: float = 30.0
     ttq_train_examples: int = 20000
@@ -231,15 +234,18 @@ def _run(settings, device, threads, bf16, image_dir, work) -> dict:
     report["train_speedup_vs_peer_equal_precision"] = speedups[headline]["equal"]
 
     (fp32,) = train_runs(settings.mfu_preset, [("nanovlm", False)])
-    (bf16_run,) = train_runs(settings.mfu_preset, [("nanovlm", True)], steps=settings.bf16_steps, warmup=1, seconds=0.0, repeats=1)
+    native_bf16 = device == "cuda" or report["machine"]["cpu_native_bf16"]
+    bf16_run = None
+    if settings.bf16_mfu or (settings.bf16_mfu is None and native_bf16):
+        (bf16_run,) = train_runs(settings.mfu_preset, [("nanovlm", True)], steps=settings.bf16_steps, warmup=1, seconds=0.0, repeats=1)
     flops = fp32["flops_per_step"]
     report["mfu"] = {"preset": settings.mfu_preset, "batch_size": settings.batch_size, "flops_per_step": flops,
-                     "fp32_train": fp32, "bf16_train": bf16_run}
+                     "fp32_train": fp32, "bf16_train": bf16_run or "not run: this CPU has no bf16 instructions (--set bf16_mfu=true runs it)"}
     for name, result in (("fp32", fp32), ("bf16", bf16_run)):
-        achieved = flops * result["samples_per_s"] / settings.batch_size / 1e9
+        achieved = flops * result["samples_per_s"] / settings.batch_size / 1e9 if result else None
         report["mfu"][f"{name}_achieved_gflops"] = achieved
-        report[f"mfu_{name}"] = achieved / peak[f"{name}_gflops"]
-    logger.info("MFU %s: fp32 %.2f, bf16 %.2f", settings.mfu_preset, report["mfu_fp32"], report["mfu_bf16"])
+        report[f"mfu_{name}"] = achieved / peak[f"{name}_gflops"] if result else None
+    logger.info("MFU %s: fp32 %.2f, bf16 %s", settings.mfu_preset, report["mfu_fp32"], report["mfu_bf16"])
 
     pixel_values = batch["pixel_values"][: max(settings.generate_reps)]
     report["generate"] = {side: measure(speed.generate_speed, side=side, preset=preset, vocab_size=vocab, pixel_values=pixel_values,

@@ -14,7 +14,7 @@ from processing.collator import NanoVLMCollator
 
 TINY = Settings(
     presets=("mini",), batch_size=4, train_steps=1, train_seconds=0.0, train_repeats=2, warmup_steps=1, lengths=(3, 5), generate_reps={1: 1, 4: 1},
-    cache_reps=1, processor_images=4, matmul_sizes=(128,), matmul_seconds=0.05, mfu_preset="mini", bf16_steps=1,
+    cache_reps=1, processor_images=4, matmul_sizes=(128,), matmul_seconds=0.05, mfu_preset="mini", bf16_steps=1, bf16_mfu=True,
     ttq_seconds=1.0, ttq_eval_seconds=1.0, ttq_train_examples=8, ttq_validation_examples=4, tokenizer_texts=200,
 )
 
