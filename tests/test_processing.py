@@ -139,3 +139,24 @@ def test_processor_round_trip(processor, tmp_path, images):
     assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "attention_mask", "pixel_values"))
     assert loaded.tokenizer.padding_side == "left"
     assert np.array_equal(loaded.image_processor.image_mean, processor.image_processor.image_mean)
+
+
+def test_jpeg_files_decode_at_reduced_scale_with_the_same_pixels(processor, tmp_path):
+    """A JPEG file is decoded at the smallest 1/2^k scale that keeps both sides >= the processor's
+    size (libjpeg's DCT scaling), which gives what a full decode and resize gives, near enough."""
+    from modeling_nanovlm.processing_nanovlm import to_rgb
+
+    y, x = np.mgrid[0:300, 0:400]
+    array = np.stack([x * 255 // 399, y * 255 // 299, (x + y) * 255 // 698], axis=-1).astype(np.uint8)
+    image = Image.fromarray(array)
+    image.paste((250, 20, 20), (100, 80, 220, 200))  # a red square on the gradient
+    path = tmp_path / "photo.jpg"
+    image.save(path, quality=95)
+
+    small = to_rgb(str(path), min_size=32)
+    assert small.size == (50, 38) and to_rgb(str(path)).size == (400, 300)  # 1/8 scale; full without min_size
+    from_file = processor(images=str(path))["pixel_values"]
+    with Image.open(path) as opened:
+        full = processor(images=opened.convert("RGB"))["pixel_values"]  # decoded at full scale
+    difference = (from_file - full).abs()
+    assert difference.mean() < 0.02 and difference.max() < 0.5, (difference.mean(), difference.max())  # edges differ most
