@@ -82,3 +82,16 @@ def test_benchmark_report_has_every_figure(tmp_path):
     assert all(f"| `{key}` |" in table for key in TARGETS)
     assert "| mini | " in table and "| 1, 3 | " in table and "| 4, 5 | " in table
     assert f"{report['cache_speedup']:.1f}x, identical tokens" in table
+
+
+def test_ablations_compare_variants_that_write_the_same_tokens(capsys):
+    """`python -m benchmarks.ablations generate`: the fused Q/K/V and key-mask variants it times must
+    generate exactly what the shipped model does, or their timings mean nothing."""
+    from benchmarks import ablations
+    from modeling_nanovlm import modeling_nanovlm as modeling
+
+    forward, key_mask = modeling.NanoVLMAttention.forward, modeling.NanoVLMModel._key_mask
+    ablations.generate(rounds=1, new_tokens=4)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("batch")]
+    assert len(lines) == 6 and all(line.endswith("identical tokens: True") for line in lines), lines
+    assert modeling.NanoVLMAttention.forward is forward and modeling.NanoVLMModel._key_mask is key_mask  # restored

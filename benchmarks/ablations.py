@@ -1,0 +1,132 @@
+"""The README's "what each change bought" figures: each change against its alternative, in one process.
+
+    python -m benchmarks.ablations sdpa          # SDPA's flash kernel against the math path, fwd + bwd
+    python -m benchmarks.ablations generate      # fused Q/K/V and a key-mask shortcut, A/B with identical tokens
+    python -m benchmarks.ablations processor     # JPEG files decoded at reduced scale or in full (Flickr8k)
+
+A and B take turns and each keeps its fastest time, so a noisy machine slows both alike.
+"""
+
+import argparse
+import glob
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def best_of(fns: dict, rounds: int) -> dict:
+    """{name: fastest seconds of `rounds` turns}: each round calls every fn once, in turn."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
+
+
+def sdpa(rounds: int = 20):
+    shapes = {"decoder, 80 tokens, causal": ((32, 8, 80, 12), True), "vision 112 px, 50 tokens": ((32, 8, 50, 50), False),
+              "vision 224 px, 197 tokens": ((32, 8, 197, 64), False)}
+    for label, (shape, causal) in shapes.items():
+        q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
+
+        def run(backend, q=q, k=k, v=v, causal=causal):
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
+        best = best_of({"flash": lambda: run(SDPBackend.FLASH_ATTENTION), "math": lambda: run(SDPBackend.MATH)}, rounds)
+        print(f"{label}: flash {best['flash'] * 1e3:.1f} ms, math {best['math'] * 1e3:.1f} ms, flash {best['math'] / best['flash']:.2f}x")
+
+
+def _fused_attention(self, hidden_states, attention_mask=None, cache=None):
+    B, T, C = hidden_states.shape
+    q, k, v = F.linear(hidden_states, self.qkv_weight, self.qkv_bias).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    if cache is not None:
+        k, v = cache.update(k, v, self.layer_idx)
+    is_causal = self.is_causal and attention_mask is None and T > 1 and k.shape[2] == T
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal)
+    return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def _key_mask_shortcut(attention_mask, past, T, num_prefix, _original=None):
+    if attention_mask is not None and past and T == 1 and bool(attention_mask.bool().all()):
+        return None  # a decoding step without pads: every key is seen
+    return _original(attention_mask, past, T, num_prefix)
+
+
+@torch.no_grad()
+def generate(rounds: int = 6, new_tokens: int = 30):
+    import train
+    from benchmarks import speed
+    from benchmarks.__main__ import fixed_batch
+    from modeling_nanovlm import modeling_nanovlm as modeling
+    from processing import scenes
+
+    model_args = train.parse_args([])[0]
+    with tempfile.TemporaryDirectory() as work:
+        processor = train.build_processor(model_args, scenes.scene_texts(2000), train.image_size_of(model_args), work)
+    batch, bos = fixed_batch(processor, 32), processor.tokenizer.bos_token_id
+    model = speed.build_model("nanovlm", model_args.preset, len(processor.tokenizer)).eval()
+    for module in model.modules():
+        if isinstance(module, modeling.NanoVLMAttention):
+            module.qkv_weight = torch.cat([module.q_proj.weight, module.k_proj.weight, module.v_proj.weight])
+            module.qkv_bias = torch.cat([module.q_proj.bias, module.k_proj.bias, module.v_proj.bias])
+    plain_forward, plain_mask = modeling.NanoVLMAttention.forward, modeling.NanoVLMModel._key_mask
+    variants = {
+        "as shipped": (plain_forward, plain_mask),
+        "fused Q/K/V": (_fused_attention, plain_mask),
+        "key-mask shortcut": (plain_forward, lambda *a: _key_mask_shortcut(*a, _original=plain_mask)),
+    }
+    for batch_size in (1, 32):
+        inputs = speed._generate_inputs("nanovlm", batch["pixel_values"][:batch_size], bos)
+        outputs = {}
+
+        def run(name, inputs=inputs, outputs=outputs):
+            modeling.NanoVLMAttention.forward, modeling.NanoVLMModel._key_mask = variants[name][0], staticmethod(variants[name][1])
+            outputs[name] = speed._timed_generate(model, inputs, new_tokens, 1, "cpu")[1]
+        best = best_of({name: (lambda name=name: run(name)) for name in variants}, rounds)
+        modeling.NanoVLMAttention.forward, modeling.NanoVLMModel._key_mask = plain_forward, staticmethod(plain_mask)
+        base = best["as shipped"]
+        for name in variants:
+            same = torch.equal(outputs[name], outputs["as shipped"])
+            print(f"batch {batch_size}, {new_tokens} tokens, {name}: {best[name] * 1e3:.1f} ms, {base / best[name]:.3f}x, identical tokens: {same}")
+
+
+def processor(rounds: int = 3, images: int = 256):
+    from transformers import ViTImageProcessorPil
+
+    from modeling_nanovlm import NanoVLMProcessor, processing_nanovlm
+    from processing.tokenizer import train_tokenizer
+
+    paths = sorted(glob.glob(os.path.join(ROOT, "..", "shared", "data", "flickr8k", "images", "*.jpg")))[:images]
+    if not paths:
+        raise SystemExit("no Flickr8k JPEGs in ../shared/data/flickr8k/images: this comparison needs real photos")
+    tokenizer = train_tokenizer(["a picture"] * 10, vocab_size=300, min_frequency=1)
+    reduced = processing_nanovlm.to_rgb
+    for size in (112, 224):
+        proc = NanoVLMProcessor(ViTImageProcessorPil(size={"height": size, "width": size}), tokenizer)
+
+        def run(to_rgb, proc=proc):
+            processing_nanovlm.to_rgb = to_rgb
+            for i in range(0, len(paths), 32):
+                proc(images=paths[i : i + 32])
+        best = best_of({"reduced": lambda: run(reduced), "full": lambda: run(lambda image, name="image", min_size=None: reduced(image, name))}, rounds)
+        processing_nanovlm.to_rgb = reduced
+        print(f"{size} px: reduced-scale decode {len(paths) / best['reduced']:.0f} images/s, full decode "
+              f"{len(paths) / best['full']:.0f} images/s, {best['full'] / best['reduced']:.2f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", choices=("sdpa", "generate", "processor"))
+    {"sdpa": sdpa, "generate": generate, "processor": processor}[parser.parse_args().which]()
+
+
+if __name__ == "__main__":
+    main()
