@@ -248,7 +248,8 @@ def _run(settings, device, threads, bf16, image_dir, work) -> dict:
         (bf16_run,) = train_runs(settings.mfu_preset, [("nanovlm", True)], steps=settings.bf16_steps, warmup=1, seconds=0.0, repeats=1)
     flops = fp32["flops_per_step"]
     report["mfu"] = {"preset": settings.mfu_preset, "batch_size": settings.batch_size, "flops_per_step": flops,
-                     "fp32_train": fp32, "bf16_train": bf16_run or "not run: this CPU has no bf16 instructions (--set bf16_mfu=true runs it)"}
+                     "fp32_train": fp32, "bf16_train": bf16_run or ("not run: this CPU has no bf16 instructions (--set bf16_mfu=true runs it)" if not native_bf16
+                                                 else "not run: --set bf16_mfu=false")}
     for name, result in (("fp32", fp32), ("bf16", bf16_run)):
         achieved = flops * result["samples_per_s"] / settings.batch_size / 1e9 if result else None
         report["mfu"][f"{name}_achieved_gflops"] = achieved
