@@ -3,6 +3,7 @@
     python -m benchmarks.ablations sdpa          # SDPA's flash kernel against the math path, fwd + bwd
     python -m benchmarks.ablations generate      # fused Q/K/V and a key-mask shortcut, A/B with identical tokens
     python -m benchmarks.ablations processor     # JPEG files decoded at reduced scale or in full (Flickr8k)
+    python -m benchmarks.ablations profile       # where a training step (base) and a generated token (mini-112) go
 
 A and B take turns and each keeps its fastest time, so a noisy machine slows both alike.
 """
@@ -122,10 +123,54 @@ def processor(rounds: int = 3, images: int = 256):
               f"{len(paths) / best['full']:.0f} images/s, {best['full'] / best['reduced']:.2f}x")
 
 
+def profile(rows: int = 15):
+    """PyTorch's profiler on NanoVLM: a training step of base (224 px, batch 32, AdamW) and a 30-token
+    caption of train.py's default preset at batch 1, each after warm-up and a timed run."""
+    import train
+    from benchmarks import speed
+    from benchmarks.__main__ import fixed_batch
+    from processing import scenes
+
+    def batch_for(preset, size):
+        model_args = train.parse_args(["--preset", preset])[0]
+        with tempfile.TemporaryDirectory() as work:
+            processor = train.build_processor(model_args, scenes.scene_texts(2000), train.image_size_of(model_args), work)
+        return fixed_batch(processor, size), processor
+
+    batch, processor = batch_for("base", 32)
+    model = speed.build_model("nanovlm", "base", len(processor.tokenizer)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    step()
+    start = time.perf_counter()
+    for _ in range(3):
+        step()
+    print(f"base training: {3 * 32 / (time.perf_counter() - start):.1f} samples/s")
+    with torch.profiler.profile() as prof:
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+    preset = train.parse_args([])[0].preset
+    batch, processor = batch_for(preset, 1)
+    model = speed.build_model("nanovlm", preset, len(processor.tokenizer)).eval()
+    inputs = speed._generate_inputs("nanovlm", batch["pixel_values"], processor.tokenizer.bos_token_id)
+    with torch.no_grad():
+        speed._timed_generate(model, inputs, 4, 1, "cpu")
+        seconds, _ = speed._timed_generate(model, inputs, 30, 5, "cpu")
+        print(f"{preset} generation, batch 1: {seconds / 30 * 1e3:.2f} ms a token")
+        with torch.profiler.profile() as prof:
+            speed._timed_generate(model, inputs, 30, 1, "cpu")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=("sdpa", "generate", "processor"))
-    {"sdpa": sdpa, "generate": generate, "processor": processor}[parser.parse_args().which]()
+    parser.add_argument("which", choices=("sdpa", "generate", "processor", "profile"))
+    {"sdpa": sdpa, "generate": generate, "processor": processor, "profile": profile}[parser.parse_args().which]()
 
 
 if __name__ == "__main__":

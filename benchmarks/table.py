@@ -47,13 +47,15 @@ def generate_table(report: dict) -> list[str]:
 
 def other_lines(report: dict) -> list[str]:
     cache, mfu, peak = report["cache"], report["mfu"], report["matmul_peak"]
+    if report["mfu_bf16"] is not None:
+        bf16 = f"{mfu['bf16_achieved_gflops']:.1f} of {peak['bf16_gflops']:.1f} GFLOP/s ({report['mfu_bf16']:.2f})"
+    else:
+        bf16 = f"{mfu['bf16_train']} (bf16 matmul peak {peak['bf16_gflops']:.1f} GFLOP/s)"
     lines = [
-        f"- Cache: {cache['new_tokens']} new tokens at batch {cache['batch_size']}: {cache['cached_seconds']:.3f} s with the"
-        f" KV cache, {cache['uncached_seconds']:.3f} s without ({report['cache_speedup']:.1f}x, identical tokens).",
-        f"- MFU ({mfu['preset']}, batch {mfu['batch_size']}, {mfu['flops_per_step'] / 1e9:.1f} GFLOP a step): fp32"
-        f" {mfu['fp32_achieved_gflops']:.0f} of {peak['fp32_gflops']:.0f} GFLOP/s ({report['mfu_fp32']:.2f}); bf16 autocast "
-        + (f"{mfu['bf16_achieved_gflops']:.1f} of {peak['bf16_gflops']:.1f} GFLOP/s ({report['mfu_bf16']:.2f})."
-           if report["mfu_bf16"] is not None else f"{mfu['bf16_train']} (bf16 matmul peak {peak['bf16_gflops']:.1f} GFLOP/s)."),
+        (f"- Cache: {cache['new_tokens']} new tokens at batch {cache['batch_size']}: {cache['cached_seconds']:.3f} s with the"
+         f" KV cache, {cache['uncached_seconds']:.3f} s without ({report['cache_speedup']:.1f}x, identical tokens)."),
+        (f"- MFU ({mfu['preset']}, batch {mfu['batch_size']}, {mfu['flops_per_step'] / 1e9:.1f} GFLOP a step): fp32"
+         f" {mfu['fp32_achieved_gflops']:.0f} of {peak['fp32_gflops']:.0f} GFLOP/s ({report['mfu_fp32']:.2f}); bf16 autocast {bf16}."),
     ]
     processor = report.get("processor", {})
     if "images_per_s" in processor:
