@@ -4,6 +4,7 @@
     python -m benchmarks.ablations generate      # fused Q/K/V and a key-mask shortcut, A/B with identical tokens
     python -m benchmarks.ablations processor     # JPEG files decoded at reduced scale or in full (Flickr8k)
     python -m benchmarks.ablations profile       # where a training step (base) and a generated token (mini-112) go
+    python -m benchmarks.ablations compile       # torch.compile and a static KV cache, against eager (minutes: compiling)
 
 A and B take turns and each keeps its fastest time, so a noisy machine slows both alike.
 """
@@ -167,10 +168,62 @@ def profile(rows: int = 15):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def compile_(rounds: int = 4, new_tokens: int = 30):
+    """torch.compile on train.py's default preset: a training step (batch 32, AdamW), and generation
+    with a static KV cache (the layout a compiled decoder wants) at batch 1 and 32, identical tokens."""
+    import train
+    from benchmarks import speed
+    from benchmarks.__main__ import fixed_batch
+    from processing import scenes
+
+    model_args = train.parse_args([])[0]
+    with tempfile.TemporaryDirectory() as work:
+        processor = train.build_processor(model_args, scenes.scene_texts(2000), train.image_size_of(model_args), work)
+    batch, bos = fixed_batch(processor, 32), processor.tokenizer.bos_token_id
+
+    model = speed.build_model("nanovlm", model_args.preset, len(processor.tokenizer)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    compiled = torch.compile(model)
+
+    def step(m):
+        m(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    step(compiled)
+    print(f"training: compiling took {time.perf_counter() - start:.0f} s")
+    best = best_of({"eager": lambda: step(model), "compiled": lambda: step(compiled)}, rounds)
+    print(f"training, batch 32: eager {32 / best['eager']:.1f} samples/s, compiled {32 / best['compiled']:.1f}, "
+          f"compiled {best['eager'] / best['compiled']:.2f}x")
+
+    model.eval()
+    eager_forward = model.forward
+    compiled_forward = torch.compile(model.forward, dynamic=True)
+    variants = {"dynamic cache (as shipped)": (eager_forward, {}), "static cache": (eager_forward, {"cache_implementation": "static"}),
+                "static cache, compiled": (compiled_forward, {"cache_implementation": "static"})}
+    with torch.no_grad():
+        for batch_size in (1, 32):
+            inputs = speed._generate_inputs("nanovlm", batch["pixel_values"][:batch_size], bos)
+            outputs = {}
+
+            def run(name, inputs=inputs, outputs=outputs):
+                model.forward, kwargs = variants[name]
+                outputs[name] = speed._timed_generate(model, inputs, new_tokens, 1, "cpu", **kwargs)[1]
+            start = time.perf_counter()
+            run("static cache, compiled")
+            print(f"batch {batch_size}: compiling (and a first call) took {time.perf_counter() - start:.0f} s")
+            best = best_of({name: (lambda name=name: run(name)) for name in variants}, rounds)
+            model.forward = eager_forward
+            base = best["dynamic cache (as shipped)"]
+            for name in variants:
+                same = torch.equal(outputs[name], outputs["dynamic cache (as shipped)"])
+                print(f"batch {batch_size}, {new_tokens} tokens, {name}: {best[name] * 1e3:.1f} ms, {base / best[name]:.2f}x, identical tokens: {same}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=("sdpa", "generate", "processor", "profile"))
-    {"sdpa": sdpa, "generate": generate, "processor": processor, "profile": profile}[parser.parse_args().which]()
+    parser.add_argument("which", choices=("sdpa", "generate", "processor", "profile", "compile"))
+    {"sdpa": sdpa, "generate": generate, "processor": processor, "profile": profile, "compile": compile_}[parser.parse_args().which]()
 
 
 if __name__ == "__main__":

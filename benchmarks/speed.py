@@ -125,9 +125,14 @@ class Repeated(torch.utils.data.Dataset):
         return {k: v[i % self.size] for k, v in self.inputs.items()}
 
 
-def train_speed(device, side, preset, batch, vocab_size, steps, warmup, bf16, min_seconds=0.0, count_flops=False) -> dict:
+def train_speed(device, side, preset, batch, vocab_size, steps, warmup, bf16, min_seconds=0.0, count_flops=False,
+                peak_sizes=(), peak_seconds=0.0) -> dict:
     """Training samples/s (forward, backward, AdamW step) through the Trainer, on one fixed batch:
-    at least `steps` timed steps after `warmup` ones, and at least `min_seconds` of them."""
+    at least `steps` timed steps after `warmup` ones, and at least `min_seconds` of them.
+
+    `count_flops`: also the FLOPs of one step. `peak_sizes`: then the matmul peak at this precision,
+    measured right after in this process, so that an MFU pairs two figures taken at the same time
+    (this machine's speed drifts over minutes)."""
     model = build_model(side, preset, vocab_size)
     inputs = batch if side == "nanovlm" else peer_inputs(batch)
     size = len(batch["input_ids"])
@@ -140,6 +145,8 @@ def train_speed(device, side, preset, batch, vocab_size, steps, warmup, bf16, mi
     timed = len(clock.times) - warmup
     seconds = clock.times[-1] - clock.times[warmup - 1]
     result.update(steps=timed, seconds=round(seconds, 3), samples_per_s=size * timed / seconds)
+    if peak_sizes:
+        result["matmul_peak_after"] = matmul_peak(device, peak_sizes, peak_seconds, dtypes=("bf16",) if bf16 else ("fp32",))
     return result
 
 
@@ -202,15 +209,15 @@ def processor_speed(device, processor_dir, image_paths, batch_size) -> dict:
     return {"images": len(image_paths), "batch_size": batch_size, "seconds": seconds, "images_per_s": len(image_paths) / seconds}
 
 
-def matmul_peak(device, sizes, seconds) -> dict:
+def matmul_peak(device, sizes, seconds, dtypes=("fp32", "bf16")) -> dict:
     """This machine's large-matmul rate in GFLOP/s, fp32 and bf16: the fastest call of any size.
 
     Sizes go up until a single call takes over half of `seconds` (bf16 on a CPU without bf16
     instructions runs a slow fallback: minutes for a 4096 product).
     """
     result = {"sizes": list(sizes)}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        best = 0.0
+    for name in dtypes:
+        dtype, best = {"fp32": torch.float32, "bf16": torch.bfloat16}[name], 0.0
         for n in sizes:
             a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
             times, start = [], time.perf_counter()

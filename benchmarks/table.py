@@ -21,15 +21,17 @@ def targets_table(report: dict) -> list[str]:
 
 
 def train_table(report: dict) -> list[str]:
-    lines = ["| preset | parameters NanoVLM / peer | NanoVLM samples/s | peer samples/s | speedup | peak RSS NanoVLM / peer (MB) |",
-             "|---|---|---|---|---|---|"]
+    head = ("| preset | parameters NanoVLM / peer | NanoVLM samples/s | peer samples/s | speedup | GFLOP a step NanoVLM / peer"
+            " | GFLOP/s NanoVLM / peer | peak RSS NanoVLM / peer (MB) |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for name, runs in report["train"].items():
         nano, peer = runs["as_user_runs_it"]["nanovlm"], runs["as_user_runs_it"]["peer"]
         counts = report["parameters"][name]
         lines.append(
             f"| {name} | {counts['nanovlm'] / 1e6:.2f}M / {counts['peer'] / 1e6:.2f}M | {_f(nano['samples_per_s'], 1)} | "
             f"{_f(peer['samples_per_s'], 1)} | {_f(nano['samples_per_s'] / peer['samples_per_s'])}x | "
-            f"{nano['peak_rss_mb']:,.0f} / {peer['peak_rss_mb']:,.0f} |"
+            f"{nano['flops_per_step'] / 1e9:,.1f} / {peer['flops_per_step'] / 1e9:,.1f} | "
+            f"{nano['achieved_gflops']:,.0f} / {peer['achieved_gflops']:,.0f} | {nano['peak_rss_mb']:,.0f} / {peer['peak_rss_mb']:,.0f} |"
         )
     return lines
 
@@ -47,15 +49,19 @@ def generate_table(report: dict) -> list[str]:
 
 def other_lines(report: dict) -> list[str]:
     cache, mfu, peak = report["cache"], report["mfu"], report["matmul_peak"]
+    fp32 = mfu["fp32_train"]
     if report["mfu_bf16"] is not None:
-        bf16 = f"{mfu['bf16_achieved_gflops']:.1f} of {peak['bf16_gflops']:.1f} GFLOP/s ({report['mfu_bf16']:.2f})"
+        bf16 = f"{mfu['bf16_achieved_gflops']:.1f} GFLOP/s, MFU {report['mfu_bf16']:.2f} (bf16 matmul peak {peak['bf16_gflops']:.1f} GFLOP/s)"
     else:
         bf16 = f"{mfu['bf16_train']} (bf16 matmul peak {peak['bf16_gflops']:.1f} GFLOP/s)"
     lines = [
         (f"- Cache: {cache['new_tokens']} new tokens at batch {cache['batch_size']}: {cache['cached_seconds']:.3f} s with the"
          f" KV cache, {cache['uncached_seconds']:.3f} s without ({report['cache_speedup']:.1f}x, identical tokens)."),
         (f"- MFU ({mfu['preset']}, batch {mfu['batch_size']}, {mfu['flops_per_step'] / 1e9:.1f} GFLOP a step): fp32"
-         f" {mfu['fp32_achieved_gflops']:.0f} of {peak['fp32_gflops']:.0f} GFLOP/s ({report['mfu_fp32']:.2f}); bf16 autocast {bf16}."),
+         f" {report['mfu_fp32']:.2f}, the median over the runs of FLOP/s over the matmul peak measured right after the run"
+         f" ({', '.join(f'{m:.2f}' for m in fp32['mfu_repeats'])}); the fastest run, {mfu['fp32_achieved_gflops']:.0f}"
+         f" GFLOP/s, is {mfu['fp32_vs_run_start_peak']:.2f} of the {peak['fp32_gflops']:.0f} GFLOP/s measured at the start;"
+         f" bf16 autocast {bf16}."),
     ]
     processor = report.get("processor", {})
     if "images_per_s" in processor:

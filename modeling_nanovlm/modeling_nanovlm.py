@@ -282,10 +282,14 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past = cache.get_seq_length() if cache is not None else 0
+        past = int(cache.get_seq_length()) if cache is not None else 0
         B, T = inputs_embeds.shape[:2]
+        # Keys the attention sees: past + T, or a static cache's whole buffer (written or not).
+        kv_length = cache.get_mask_sizes(T, 0)[0] if cache is not None else T
 
         key_mask = self._key_mask(attention_mask, past, T, num_prefix)  # (B, past + T) or None
+        if key_mask is None and kv_length != past + T:  # a static cache: its unwritten keys need masking
+            key_mask = torch.ones(B, past + T, dtype=torch.long, device=inputs_embeds.device)
         if key_mask is None:
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
         else:
@@ -295,7 +299,7 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
                 f"the decoder input has {past + T} positions ({num_prefix or 'cached'} image + text) but "
                 f"max_position_embeddings is {self.config.max_position_embeddings}; shorten the prompt or lower max_new_tokens"
             )
-        mask = None if key_mask is None else self._additive_mask(key_mask, T, inputs_embeds.dtype)
+        mask = None if key_mask is None else self._additive_mask(key_mask, T, kv_length, inputs_embeds.dtype)
 
         hidden = self.language_model(inputs_embeds, position_ids, mask, cache)
         return NanoVLMModelOutput(
@@ -327,11 +331,13 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         return torch.cat([ones, attention_mask], dim=1).long()
 
     @staticmethod
-    def _additive_mask(key_mask, T, dtype):
-        """(B, 1, T, K) float mask: causal over the last T queries and blocking padded keys."""
-        K = key_mask.shape[1]
-        causal = torch.ones(T, K, dtype=torch.bool, device=key_mask.device).tril(K - T)
-        allowed = causal[None, None] & key_mask[:, None, None, :].bool()
+    def _additive_mask(key_mask, T, kv_length, dtype):
+        """(B, 1, T, kv_length) float mask for the last T of `key_mask`'s positions: causal, blocking
+        padded keys and the keys past `key_mask` (a static cache's unwritten slots)."""
+        past = key_mask.shape[1] - T
+        causal = torch.ones(T, kv_length, dtype=torch.bool, device=key_mask.device).tril(past)
+        keys = F.pad(key_mask.bool(), (0, kv_length - key_mask.shape[1]))  # unwritten slots: False
+        allowed = causal[None, None] & keys[:, None, None, :]
         # A pad query may see no key at all; a finite minimum (not -inf) keeps its row from NaN.
         return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
@@ -358,6 +364,18 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values):
         return self.model.get_image_features(pixel_values)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        # A static cache (`cache_implementation="static"`) must also hold the visual prefix, which
+        # generate() does not see in `input_ids`.
+        if model_kwargs.get("pixel_values") is not None:
+            max_cache_length += self.config.num_image_tokens
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """generate() would turn the text's 2D mask into a 4D one for a static cache; `forward` builds
+        that itself (it alone knows the visual prefix), so the 2D mask passes through."""
+        return attention_mask
 
     def forward(
         self,

@@ -62,6 +62,7 @@ def test_benchmark_report_has_every_figure(tmp_path):
             assert run_["samples_per_s"] > 0 and run_["batch_size"] == 4 and run_["steps"] >= 1
             assert run_["samples_per_s"] == max(run_["samples_per_s_repeats"]) and len(run_["samples_per_s_repeats"]) == 2
             assert run_["peak_rss_mb"] >= run_["rss_at_start_mb"] > 0
+            assert run_["flops_per_step"] > 0 and run_["achieved_gflops"] > 0
     assert report["train_speedup_vs_peer"] > 0 and report["train_speedup_vs_peer_equal_precision"] > 0
     assert set(report["generate_speedup_vs_peer"]) == {"batch_1", "batch_4"}
     assert all(v > 0 for by_length in report["generate_speedup_vs_peer"].values() for v in by_length.values())
@@ -71,6 +72,10 @@ def test_benchmark_report_has_every_figure(tmp_path):
     vision = preset_sizes()["mini"]["vision"]
     assert report["mfu"]["flops_per_step"] > 6 * vision * 196 * 4
     assert 0 < report["mfu_fp32"] < 10 and report["mfu_bf16"] > 0
+    fp32 = report["mfu"]["fp32_train"]  # each repeat paired with a matmul peak taken right after it, in its process
+    assert len(fp32["mfu_repeats"]) == 2 and fp32["matmul_peak_after"]["fp32_gflops"] > 0
+    assert min(fp32["mfu_repeats"]) <= report["mfu_fp32"] <= max(fp32["mfu_repeats"])
+    assert report["mfu"]["fp32_vs_run_start_peak"] > 0
     assert report["processor"]["images"] == 4 and report["data_to_train_ratio"] > 0
 
     for side in ("nanovlm", "peer"):

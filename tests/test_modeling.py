@@ -128,14 +128,18 @@ def test_tied_embeddings_survive_save_and_load(tester, tmp_path):
 
 
 @pytest.mark.parametrize("select", VISION_FEATURE_SELECTS)
-def test_cached_and_uncached_greedy_agree(tester, processor, images, select):
+def test_cached_uncached_and_static_cache_greedy_agree(tester, processor, images, select):
     model = tester.get_model(vision_feature_select=select)
-    inputs = processor(images=images[:2], text=["I see", ""])
+    inputs = processor(images=images[:2], text=["I see", ""])  # left-padded
     kwargs = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12)
     cached = model.generate(**inputs, **kwargs)
     uncached = model.generate(**inputs, use_cache=False, **kwargs)
+    # A static cache is sized for the visual prefix too, and its unwritten slots are never attended.
+    static = model.generate(**inputs, cache_implementation="static", **kwargs)
     assert cached.shape[1] == inputs["input_ids"].shape[1] + 12
-    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, uncached) and torch.equal(cached, static)
+    text_only = processor(text=["I see a"])
+    assert torch.equal(model.generate(**text_only, **kwargs), model.generate(**text_only, cache_implementation="static", **kwargs))
 
 
 def test_left_padded_batch_matches_one_by_one(tester, processor, images):
