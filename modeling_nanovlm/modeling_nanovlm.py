@@ -287,6 +287,11 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         # Keys the attention sees: past + T, or a static cache's whole buffer (written or not).
         kv_length = cache.get_mask_sizes(T, 0)[0] if cache is not None else T
 
+        if kv_length < past + T:
+            raise ValueError(
+                f"the cache holds {kv_length} positions but this call needs {past + T} ({num_prefix} image + text); "
+                "pass a larger max_cache_len (a static cache must also hold the visual prefix)"
+            )
         key_mask = self._key_mask(attention_mask, past, T, num_prefix)  # (B, past + T) or None
         if key_mask is None and kv_length != past + T:  # a static cache: its unwritten keys need masking
             key_mask = torch.ones(B, past + T, dtype=torch.long, device=inputs_embeds.device)

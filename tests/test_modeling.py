@@ -142,6 +142,15 @@ def test_cached_uncached_and_static_cache_greedy_agree(tester, processor, images
     assert torch.equal(model.generate(**text_only, **kwargs), model.generate(**text_only, cache_implementation="static", **kwargs))
 
 
+def test_too_small_static_cache_says_so(tester, processor, images):
+    from transformers import StaticCache
+
+    model = tester.get_model()
+    cache = StaticCache(config=model.config, max_cache_len=4)  # fewer slots than the visual prefix
+    with pytest.raises(ValueError, match="larger max_cache_len"):
+        model(**processor(images=images[:1]), cache=cache, use_cache=True)
+
+
 def test_left_padded_batch_matches_one_by_one(tester, processor, images):
     model = tester.get_model()
     prompts = ["I see a big", "", "A", "There is a green tree"]
