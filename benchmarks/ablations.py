@@ -5,6 +5,7 @@
     python -m benchmarks.ablations processor     # JPEG files decoded at reduced scale or in full (Flickr8k)
     python -m benchmarks.ablations profile       # where a training step (base) and a generated token (mini-112) go
     python -m benchmarks.ablations compile       # torch.compile and a static KV cache, against eager (minutes: compiling)
+    python -m benchmarks.ablations malloc        # glibc malloc keeping freed activations (fewer page faults), both sides
 
 A and B take turns and each keeps its fastest time, so a noisy machine slows both alike.
 """
@@ -220,10 +221,68 @@ def compile_(rounds: int = 4, new_tokens: int = 30):
                 print(f"batch {batch_size}, {new_tokens} tokens, {name}: {best[name] * 1e3:.1f} ms, {base / best[name]:.2f}x, identical tokens: {same}")
 
 
+def malloc(rounds: int = 4, steps: int = 3, presets=("mini-112", "base")):
+    """glibc hands large freed blocks back to the kernel, so every training step page-faults its
+    activations in again. `mallopt` can keep them (blocks up to 32 MB from the heap, no trimming):
+    NanoVLM and the peer, training steps with glibc's defaults and kept, in turns in one process."""
+    import ctypes
+    import resource
+
+    import train
+    from benchmarks import speed
+    from benchmarks.__main__ import fixed_batch
+    from benchmarks.peer import peer_inputs
+    from processing import scenes
+
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+    def keep(on: bool):
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20 if on else 128 * 2**10)
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1 if on else 128 * 2**10)
+        if not on:
+            libc.malloc_trim(0)
+
+    for preset in presets:
+        model_args = train.parse_args(["--preset", preset])[0]
+        with tempfile.TemporaryDirectory() as work:
+            processor = train.build_processor(model_args, scenes.scene_texts(2000), train.image_size_of(model_args), work)
+        batch = fixed_batch(processor, 32)
+        inputs = {"nanovlm": batch, "peer": peer_inputs(batch)}
+        models = {side: speed.build_model(side, preset, len(processor.tokenizer)).train() for side in inputs}
+        optimizers = {side: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for side, m in models.items()}
+        faults = {}
+
+        def run(side, on):
+            keep(on)
+            for _ in range(steps):
+                models[side](**inputs[side]).loss.backward()
+                optimizers[side].step()
+                optimizers[side].zero_grad(set_to_none=True)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            for _ in range(steps):
+                models[side](**inputs[side]).loss.backward()
+                optimizers[side].step()
+                optimizers[side].zero_grad(set_to_none=True)
+            faults[side, on] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // steps
+            return time.perf_counter() - start
+        times = {(side, on): [] for side in models for on in (False, True)}
+        for _ in range(rounds):
+            for key in times:
+                times[key].append(run(*key))
+        keep(False)
+        for side in models:
+            default, kept = (32 * steps / min(times[side, on]) for on in (False, True))
+            print(f"{preset} {side}: glibc defaults {default:.1f} samples/s ({faults[side, False]:,} page faults a step), "
+                  f"blocks kept {kept:.1f} ({faults[side, True]:,}), {kept / default:.2f}x")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=("sdpa", "generate", "processor", "profile", "compile"))
-    {"sdpa": sdpa, "generate": generate, "processor": processor, "profile": profile, "compile": compile_}[parser.parse_args().which]()
+    which = {"sdpa": sdpa, "generate": generate, "processor": processor, "profile": profile, "compile": compile_, "malloc": malloc}
+    parser.add_argument("which", choices=which)
+    which[parser.parse_args().which]()
 
 
 if __name__ == "__main__":
