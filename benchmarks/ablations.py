@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,6 +156,14 @@ def profile(rows: int = 15):
     with torch.profiler.profile() as prof:
         step()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    with FlopCounterMode(display=False) as counter:
+        step()
+    matmuls = ("mm", "addmm", "bmm")
+    flops = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op).split(".")[1] in matmuls)
+    seconds = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in {f"aten::{m}" for m in matmuls}) / 1e6
+    peak = speed.matmul_peak("cpu", (1024, 2048, 4096), 2.0, dtypes=("fp32",))["fp32_gflops"]
+    print(f"base matmuls: {flops / 1e9:.0f} GFLOP of {counter.get_total_flops() / 1e9:.0f} in {seconds:.2f} s (profiled step):"
+          f" {flops / seconds / 1e9:.0f} GFLOP/s, {flops / seconds / 1e9 / peak:.2f} of the {peak:.0f} GFLOP/s large-matmul peak")
 
     preset = train.parse_args([])[0].preset
     batch, processor = batch_for(preset, 1)
