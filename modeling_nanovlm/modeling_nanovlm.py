@@ -289,7 +289,7 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
 
         if kv_length < past + T:
             raise ValueError(
-                f"the cache holds {kv_length} positions but this call needs {past + T} ({num_prefix} image + text); "
+                f"the cache holds {kv_length} positions but this call needs {past + T} ({num_prefix or 'cached'} image + text); "
                 "pass a larger max_cache_len (a static cache must also hold the visual prefix)"
             )
         key_mask = self._key_mask(attention_mask, past, T, num_prefix)  # (B, past + T) or None
