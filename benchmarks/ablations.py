@@ -35,6 +35,25 @@ def best_of(fns: dict, rounds: int) -> dict:
     return {name: min(t) for name, t in times.items()}
 
 
+def scene_batch(preset: str | None = None, size: int = 32):
+    """(train.py's collated batch of the first `size` training scenes, its processor) for `preset`
+    (default: train.py's), with a tokenizer trained on 2,000 scene texts."""
+    import train
+    from benchmarks.__main__ import fixed_batch
+    from processing import scenes
+
+    model_args = train.parse_args([] if preset is None else ["--preset", preset])[0]
+    with tempfile.TemporaryDirectory() as work:
+        processor = train.build_processor(model_args, scenes.scene_texts(2000), train.image_size_of(model_args), work)
+    return fixed_batch(processor, size), processor
+
+
+def training_step(model, optimizer, batch):
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def sdpa(rounds: int = 20):
     shapes = {"decoder, 80 tokens, causal": ((32, 8, 80, 12), True), "vision 112 px, 50 tokens": ((32, 8, 50, 50), False),
               "vision 224 px, 197 tokens": ((32, 8, 197, 64), False)}
@@ -68,15 +87,11 @@ def _key_mask_shortcut(attention_mask, past, T, num_prefix, _original=None):
 def generate(rounds: int = 6, new_tokens: int = 30):
     import train
     from benchmarks import speed
-    from benchmarks.__main__ import fixed_batch
     from modeling_nanovlm import modeling_nanovlm as modeling
-    from processing import scenes
 
-    model_args = train.parse_args([])[0]
-    with tempfile.TemporaryDirectory() as work:
-        processor = train.build_processor(model_args, scenes.scene_texts(2000), train.image_size_of(model_args), work)
-    batch, bos = fixed_batch(processor, 32), processor.tokenizer.bos_token_id
-    model = speed.build_model("nanovlm", model_args.preset, len(processor.tokenizer)).eval()
+    batch, processor = scene_batch()
+    bos = processor.tokenizer.bos_token_id
+    model = speed.build_model("nanovlm", train.parse_args([])[0].preset, len(processor.tokenizer)).eval()
     for module in model.modules():
         if isinstance(module, modeling.NanoVLMAttention):
             module.qkv_weight = torch.cat([module.q_proj.weight, module.k_proj.weight, module.v_proj.weight])
@@ -131,23 +146,13 @@ def profile(rows: int = 15):
     caption of train.py's default preset at batch 1, each after warm-up and a timed run."""
     import train
     from benchmarks import speed
-    from benchmarks.__main__ import fixed_batch
-    from processing import scenes
 
-    def batch_for(preset, size):
-        model_args = train.parse_args(["--preset", preset])[0]
-        with tempfile.TemporaryDirectory() as work:
-            processor = train.build_processor(model_args, scenes.scene_texts(2000), train.image_size_of(model_args), work)
-        return fixed_batch(processor, size), processor
-
-    batch, processor = batch_for("base", 32)
+    batch, processor = scene_batch("base", 32)
     model = speed.build_model("nanovlm", "base", len(processor.tokenizer)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        training_step(model, optimizer, batch)
     step()
     start = time.perf_counter()
     for _ in range(3):
@@ -166,7 +171,7 @@ def profile(rows: int = 15):
           f" {flops / seconds / 1e9:.0f} GFLOP/s, {flops / seconds / 1e9 / peak:.2f} of the {peak:.0f} GFLOP/s large-matmul peak")
 
     preset = train.parse_args([])[0].preset
-    batch, processor = batch_for(preset, 1)
+    batch, processor = scene_batch(preset, 1)
     model = speed.build_model("nanovlm", preset, len(processor.tokenizer)).eval()
     inputs = speed._generate_inputs("nanovlm", batch["pixel_values"], processor.tokenizer.bos_token_id)
     with torch.no_grad():
@@ -183,22 +188,15 @@ def compile_(rounds: int = 4, new_tokens: int = 30):
     with a static KV cache (the layout a compiled decoder wants) at batch 1 and 32, identical tokens."""
     import train
     from benchmarks import speed
-    from benchmarks.__main__ import fixed_batch
-    from processing import scenes
 
-    model_args = train.parse_args([])[0]
-    with tempfile.TemporaryDirectory() as work:
-        processor = train.build_processor(model_args, scenes.scene_texts(2000), train.image_size_of(model_args), work)
-    batch, bos = fixed_batch(processor, 32), processor.tokenizer.bos_token_id
-
-    model = speed.build_model("nanovlm", model_args.preset, len(processor.tokenizer)).train()
+    batch, processor = scene_batch()
+    bos = processor.tokenizer.bos_token_id
+    model = speed.build_model("nanovlm", train.parse_args([])[0].preset, len(processor.tokenizer)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     compiled = torch.compile(model)
 
     def step(m):
-        m(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        training_step(m, optimizer, batch)
     start = time.perf_counter()
     step(compiled)
     print(f"training: compiling took {time.perf_counter() - start:.0f} s")
@@ -237,11 +235,8 @@ def malloc(rounds: int = 4, steps: int = 3, presets=("mini-112", "base")):
     import ctypes
     import resource
 
-    import train
     from benchmarks import speed
-    from benchmarks.__main__ import fixed_batch
     from benchmarks.peer import peer_inputs
-    from processing import scenes
 
     libc = ctypes.CDLL("libc.so.6")
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -253,10 +248,7 @@ def malloc(rounds: int = 4, steps: int = 3, presets=("mini-112", "base")):
             libc.malloc_trim(0)
 
     for preset in presets:
-        model_args = train.parse_args(["--preset", preset])[0]
-        with tempfile.TemporaryDirectory() as work:
-            processor = train.build_processor(model_args, scenes.scene_texts(2000), train.image_size_of(model_args), work)
-        batch = fixed_batch(processor, 32)
+        batch, processor = scene_batch(preset, 32)
         inputs = {"nanovlm": batch, "peer": peer_inputs(batch)}
         models = {side: speed.build_model(side, preset, len(processor.tokenizer)).train() for side in inputs}
         optimizers = {side: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for side, m in models.items()}
@@ -264,16 +256,12 @@ def malloc(rounds: int = 4, steps: int = 3, presets=("mini-112", "base")):
 
         def run(side, on):
             keep(on)
-            for _ in range(steps):
-                models[side](**inputs[side]).loss.backward()
-                optimizers[side].step()
-                optimizers[side].zero_grad(set_to_none=True)
+            for _ in range(steps):  # settle into this setting
+                training_step(models[side], optimizers[side], inputs[side])
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             for _ in range(steps):
-                models[side](**inputs[side]).loss.backward()
-                optimizers[side].step()
-                optimizers[side].zero_grad(set_to_none=True)
+                training_step(models[side], optimizers[side], inputs[side])
             faults[side, on] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // steps
             return time.perf_counter() - start
         times = {(side, on): [] for side in models for on in (False, True)}
