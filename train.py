@@ -6,18 +6,21 @@
         --image_dir ../shared/data/flickr8k/images \
         --validation_caption_file ../shared/data/flickr8k/captions_val.json
     python train.py --dataset hf --data_path DIR_OR_HUB_NAME --image_column image --text_column caption
-    python train.py --recipe configuration/recipes/mini_scenes.json --max_steps 100   # recipe, then overrides
+    python train.py --recipe configuration/recipes/flickr8k/best.json   # real photos from scratch (~90 min here)
+    python train.py --recipe configuration/recipes/flickr8k/best.json --max_steps 100   # recipe, then overrides
     python train.py --push_to_hub --hub_model_id ORG/NAME   # then push model, code and model card to the Hub
     accelerate launch --config_file configuration/accelerate/multi_gpu.yaml train.py --preset base
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
         --dynamo_backend no train.py --use_cpu          # two CPU ranks (plain --cpu starts one)
 
 The output folder holds a model + processor + Hub code loadable with `from_pretrained`,
-metrics.json, loss_curve.png and samples.png. Resume with `--resume_from_checkpoint latest`.
+metrics.json, loss_curve.png and samples.png. Resume with `--resume_from_checkpoint latest` (the newest
+complete checkpoint); a folder an earlier run used is refused unless `--overwrite_output_dir true`.
 """
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -29,11 +32,14 @@ import transformers
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, ViTImageProcessorPil
 
 from evaluation.captioning import generate_captions
+from evaluation.image_use import image_gap, unique_caption_share
 from evaluation.plots import plot_caption_grid, plot_loss_curve
 from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMProcessor
 from processing import data, push_to_hub, scenes
+from processing.augment import CaptionAugment
 from processing.collator import NanoVLMCollator
 from processing.tokenizer import train_tokenizer
+from processing.word_targets import word_targets, word_vocabulary
 
 logger = logging.getLogger("train")
 
@@ -70,7 +76,11 @@ class ModelArguments:
     )
     tokenizer: str | None = field(default=None, metadata={"help": "folder with a saved tokenizer; else one is trained"})
     vocab_size: int = field(default=25000, metadata={"help": "BPE vocabulary size when training a tokenizer"})
-    max_length: int = field(default=128, metadata={"help": "longest caption in tokens (longer ones are cut)"})
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "longest caption in tokens, longer ones are cut (default: 128, or what the decoder's "
+                  "position table holds after the visual tokens if that is less)"},
+    )
 
 
 @dataclass
@@ -102,15 +112,50 @@ class DataArguments:
                   "object (kind, color) its cell shows; 0 = off, default 1.0 on scenes when the decoder reads "
                   "a map of visual tokens (pooled or all), else off. The saved model stays a plain captioner"},
     )
+    aux_words_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of a training-only loss that predicts which content words an image's captions use "
+                  "(multi-label, from the mean visual token); 0 = off. The saved model stays a plain captioner"},
+    )
+    aux_words_min_count: int = field(default=5, metadata={"help": "words loss: vocabulary = content words used this often"})
+    augment: bool = field(
+        default=False,
+        metadata={"help": "augment training images: random resized crop, flip (left/right swapped in the caption), "
+                  "brightness/contrast/saturation jitter (no hue: captions name colours)"},
+    )
+
+
+@dataclass
+class NanoVLMTrainingArguments(TrainingArguments):
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "train into an output folder that already holds files (an earlier run's are replaced as "
+                  "they are written); without it such a folder is refused unless --resume_from_checkpoint is given"},
+    )
+
+
+def read_recipe(path: str) -> dict:
+    """A recipe: a JSON object of train.py flags."""
+    try:
+        with open(path) as f:
+            recipe = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--recipe {path}: no such file (recipes live in configuration/recipes/)") from None
+    except ValueError as err:
+        raise ValueError(f"--recipe {path} is not valid JSON ({err})") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"--recipe {path} must hold a JSON object of flags, e.g. {{\"preset\": \"mini-112\"}}")
+    return recipe
 
 
 def parse_args(argv: list[str]):
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, NanoVLMTrainingArguments))
     recipe = []
     if "--recipe" in argv:  # a JSON file of flags ("_"-keys are notes), applied before the command line's
         i = argv.index("--recipe")
-        with open(argv[i + 1]) as f:
-            recipe = [a for k, v in json.load(f).items() if not k.startswith("_") for a in (f"--{k}", str(v))]
+        if i + 1 >= len(argv):
+            raise ValueError("--recipe needs a JSON file, e.g. --recipe configuration/recipes/flickr8k/best.json")
+        recipe = [a for k, v in read_recipe(argv[i + 1]).items() if not k.startswith("_") for a in (f"--{k}", str(v))]
         argv = argv[:i] + argv[i + 2 :]
     defaults = [a for k, v in DEFAULTS.items() for a in (f"--{k}", str(v))]
     return parser.parse_args_into_dataclasses(args=defaults + recipe + argv)
@@ -125,9 +170,10 @@ def load_splits(args: DataArguments, image_size: int, seed: int, bad: data.BadIm
     if args.dataset == "coco":
         if not args.caption_file or not args.image_dir:
             raise ValueError("--dataset coco needs --caption_file X.json and --image_dir DIR")
-        train = data.load_coco_captions(args.caption_file, args.image_dir, args.caption_policy, seed)
+        skipped = bad if args.skip_bad_images else None  # paths outside --image_dir: a counted skip, else a stop
+        train = data.load_coco_captions(args.caption_file, args.image_dir, args.caption_policy, seed, skipped)
         if args.validation_caption_file:
-            validation = data.load_coco_captions(args.validation_caption_file, args.image_dir, "first", seed)
+            validation = data.load_coco_captions(args.validation_caption_file, args.image_dir, "first", seed, skipped)
         else:
             train, validation = _hold_out(train, args.validation_fraction, seed)
     elif args.dataset == "hf":
@@ -141,8 +187,13 @@ def load_splits(args: DataArguments, image_size: int, seed: int, bad: data.BadIm
     else:
         raise ValueError(f"--dataset must be scenes, coco or hf, got {args.dataset!r}")
     validation = validation.select(range(min(len(validation), args.num_validation_examples)))
+    train, validation = data.drop_empty_texts(train, "train"), data.drop_empty_texts(validation, "validation")
     train = data.check_images(train, "train", args.skip_bad_images, bad)
     validation = data.check_images(validation, "validation", args.skip_bad_images, bad)
+    for name, split in (("train", train), ("validation", validation)):
+        if len(split) == 0:
+            raise ValueError(f"no {name} example is left after skipping unreadable images and empty texts; "
+                             "see the warnings above and fix the data")
     return train, validation
 
 
@@ -151,17 +202,82 @@ def _hold_out(dataset, fraction, seed):
     return split["train"], split["test"]
 
 
-def build_processor(model_args: ModelArguments, texts, image_size: int, output_dir: str) -> NanoVLMProcessor:
-    """Load the tokenizer (given, or saved earlier in output_dir by this run) or train one on `texts`."""
+def build_processor(model_args: ModelArguments, texts, image_size: int, output_dir: str, resuming: bool = False) -> NanoVLMProcessor:
+    """Load the tokenizer (--tokenizer, the starting model's, or, when resuming, the one this run saved in
+    output_dir) or train one on `texts`."""
     source = model_args.tokenizer or model_args.model_name_or_path
-    if source is None and os.path.exists(os.path.join(output_dir, "tokenizer.json")):
-        source = output_dir  # a resumed or repeated run keeps the tokenizer its checkpoints were trained with
+    if source is None and resuming:
+        if not os.path.exists(os.path.join(output_dir, "tokenizer.json")):
+            raise ValueError(f"--resume_from_checkpoint: {output_dir} has no tokenizer.json from the run to resume")
+        source = output_dir  # the tokenizer its checkpoints were trained with
     if source is not None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     else:
         tokenizer = train_tokenizer(texts, vocab_size=model_args.vocab_size)
     image_processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size})
     return NanoVLMProcessor(image_processor, tokenizer)
+
+
+def check_output_dir(training_args) -> None:
+    """Refuse to train into a folder an earlier run left files in, unless asked to overwrite or resume."""
+    out = training_args.output_dir
+    if not os.path.isdir(out) or not os.listdir(out) or training_args.overwrite_output_dir or training_args.resume_from_checkpoint:
+        return
+    raise ValueError(
+        f"output folder {out} already holds files (an earlier run's?): pass --resume_from_checkpoint latest to continue "
+        "that run, --overwrite_output_dir true to replace it, or another --output_dir"
+    )
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint whose state parses and whose weights are
+    there was written whole."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return any(os.path.exists(os.path.join(path, name)) for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def resolve_resume(resume, output_dir: str):
+    """--resume_from_checkpoint: "latest" (or true) = the newest complete checkpoint in output_dir, skipping
+    (and naming) one a kill left half-written; a path is used as given; None/false = start afresh."""
+    if resume in (None, False, "false", "False", ""):
+        return None
+    if resume not in (True, "latest", "true", "True"):
+        if not os.path.isdir(resume):
+            raise ValueError(f"--resume_from_checkpoint {resume}: no such checkpoint folder; pass latest or a checkpoint-N folder")
+        return resume
+    steps = {}
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+                steps[int(name[len("checkpoint-"):])] = os.path.join(output_dir, name)
+    for step in sorted(steps, reverse=True):
+        if is_complete_checkpoint(steps[step]):
+            return steps[step]
+        logger.warning("skipping incomplete checkpoint %s (a run stopped while writing it)", steps[step])
+    raise ValueError(
+        f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}; start afresh with --overwrite_output_dir true"
+    )
+
+
+def caption_length(model, max_length: int | None) -> int:
+    """--max_length, checked to fit the decoder's position table after the visual prefix (before training,
+    not at the first long caption), or the default."""
+    room = model.config.max_position_embeddings - model.config.num_image_tokens
+    if max_length is None:
+        return min(128, room)
+    if max_length < 2:
+        raise ValueError(f"--max_length must be at least 2 (<bos> and <eos>), got {max_length}")
+    if max_length > room:
+        raise ValueError(
+            f"--max_length {max_length} + {model.config.num_image_tokens} visual tokens exceed max_position_embeddings "
+            f"({model.config.max_position_embeddings}): pass --max_length {room} or less, or a larger "
+            "--config_overrides max_position_embeddings=N"
+        )
+    return max_length
 
 
 def image_size_of(model_args: ModelArguments) -> int:
@@ -173,6 +289,32 @@ def image_size_of(model_args: ModelArguments) -> int:
     return NanoVLMConfig.from_preset(model_args.preset).image_size
 
 
+def parse_config_overrides(text: str | None) -> dict:
+    """'hidden_dropout=0.0,vision_pool_size=4' -> typed values, each cast to its config field's type."""
+    defaults, overrides = NanoVLMConfig().to_dict(), {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise ValueError(f"--config_overrides: {item!r} is not FIELD=VALUE (e.g. 'hidden_dropout=0.0,vision_pool_size=4')")
+        if key not in defaults:
+            raise ValueError(f"--config_overrides: unknown config field {key!r}")
+        default = defaults[key]
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError
+                overrides[key] = value.lower() == "true"
+            elif isinstance(default, (int, float)):
+                overrides[key] = type(default)(value)
+            elif value.lower() in ("none", "null"):
+                overrides[key] = None
+            else:
+                overrides[key] = int(value) if value.lstrip("-").isdigit() else value
+        except ValueError:
+            raise ValueError(f"--config_overrides: {key}={value!r} is not a {type(default).__name__}") from None
+    return overrides
+
+
 def build_model(model_args: ModelArguments, vocab_size: int) -> NanoVLMForConditionalGeneration:
     if model_args.model_name_or_path:
         return NanoVLMForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
@@ -181,26 +323,30 @@ def build_model(model_args: ModelArguments, vocab_size: int) -> NanoVLMForCondit
         overrides["vision_feature_select"] = model_args.vision_feature_select
     if model_args.image_size:
         overrides["image_size"] = model_args.image_size
-    for item in filter(None, (model_args.config_overrides or "").split(",")):
-        key, _, value = item.partition("=")
-        if key.strip() not in NanoVLMConfig().to_dict():
-            raise ValueError(f"--config_overrides: unknown config field {key.strip()!r}")
-        overrides[key.strip()] = json.loads(value) if value.strip()[:1] in "0123456789-[{tfn" else value.strip()
+    overrides.update(parse_config_overrides(model_args.config_overrides))
     return NanoVLMForConditionalGeneration(NanoVLMConfig.from_preset(model_args.preset, **overrides))
 
 
-class SceneTargetsCollator:
-    """The usual batch plus `aux_kinds` and `aux_colors`: `(B, grid * grid)` ids of what each visual
-    token's cell of the picture shows (`scenes.token_labels`, 0 = background)."""
+class AuxTargetsCollator:
+    """The usual batch plus the targets of the training-only losses:
+    scenes: `aux_kinds`, `aux_colors` `(B, grid * grid)`, what each visual token's cell shows
+    (`scenes.token_labels`, 0 = background); photos: `aux_words` `(B, num_words)`, which content
+    words the image's captions use (`word_targets`)."""
 
-    def __init__(self, collator: NanoVLMCollator, grid: int):
-        self.collator, self.grid = collator, grid
+    def __init__(self, collator: NanoVLMCollator, grid: int | None = None, word_index: dict[str, int] | None = None):
+        self.collator, self.grid, self.word_index = collator, grid, word_index
 
     def __call__(self, examples):
         batch = self.collator(examples)
-        labels = [scenes.token_labels(scenes.scene_from_row(ex), self.grid) for ex in examples]
-        batch["aux_kinds"] = torch.tensor([k for k, _ in labels])
-        batch["aux_colors"] = torch.tensor([c for _, c in labels])
+        if self.grid is not None:
+            labels = [scenes.token_labels(scenes.scene_from_row(ex), self.grid) for ex in examples]
+            batch["aux_kinds"] = torch.tensor([k for k, _ in labels])
+            batch["aux_colors"] = torch.tensor([c for _, c in labels])
+        if self.word_index is not None:
+            words = torch.zeros(len(examples), len(self.word_index))
+            for row, ex in enumerate(examples):
+                words[row, word_targets(ex.get("references") or [ex["text"]], self.word_index)] = 1.0
+            batch["aux_words"] = words
         return batch
 
 
@@ -211,45 +357,91 @@ def token_grid(config: NanoVLMConfig) -> int:
     return config.vision_pool_size if config.vision_feature_select == "pooled" else config.image_size // config.patch_size
 
 
-class AuxGroundingTrainer(Trainer):
-    """Adds `weight * (CE(kind) + CE(color))` over every visual token's cell to the training loss.
+def grounding_loss(model, image_tokens, targets):
+    """CE(kind) + CE(color) of every visual token's cell (`model.aux_grounding_head` on the map)."""
+    kinds, colors = targets["aux_kinds"], targets["aux_colors"]
+    logits = model.aux_grounding_head(image_tokens[:, -kinds.shape[1]:]).float()  # the map, without [CLS]
+    num_kinds = len(scenes.KINDS) + 1
+    return F.cross_entropy(logits[..., :num_kinds].flatten(0, 1), kinds.flatten()) + F.cross_entropy(
+        logits[..., num_kinds:].flatten(0, 1), colors.flatten())
 
-    The head (`model.aux_grounding_head`, one Linear on the projected visual tokens the decoder
-    reads) tells each token which object, if any, it covers: a dense signal that teaches the
-    vision tower to see far faster than the few caption tokens that name objects. It is trained
-    and checkpointed with the model and removed before the final save.
+
+def words_loss(model, image_tokens, targets):
+    """Multi-label BCE of the caption words from the mean visual token (`model.aux_words_head`),
+    summed over the vocabulary and divided by the number of target words: a loss per named word."""
+    words = targets["aux_words"]
+    logits = model.aux_words_head(image_tokens.mean(1)).float()
+    bce = F.binary_cross_entropy_with_logits(logits, words, reduction="sum")
+    return bce / words.sum().clamp(min=1.0)
+
+
+class AuxLossTrainer(Trainer):
+    """Adds `weight * loss(model, visual tokens, targets)` for each training-only loss to the caption loss,
+    and logs each as `aux_<name>` next to the loss.
+
+    The heads (`model.aux_*_head`, on the projected visual tokens the decoder reads) are trained and
+    checkpointed with the model and removed before the final save: the released model is a plain
+    captioner. Scenes: each token says which object (kind, color) its cell shows, a dense signal
+    that teaches the vision tower to see far faster than the few caption tokens that name objects.
+    Photos: the image says which content words its captions use.
     """
 
-    def __init__(self, *args, aux_weight: float, **kwargs):
+    def __init__(self, *args, aux_losses: dict, **kwargs):
         super().__init__(*args, **kwargs)
-        self.aux_weight = aux_weight
+        self.aux_losses = aux_losses  # name -> (weight, function)
+        self._aux_sums = {name: [0.0, 0] for name in aux_losses}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        kinds, colors = inputs.pop("aux_kinds", None), inputs.pop("aux_colors", None)
+        targets = {k: inputs.pop(k) for k in [k for k in inputs if k.startswith("aux_")]}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if kinds is not None and model.training:
-            tokens = outputs.image_hidden_states[:, -kinds.shape[1]:]  # the map, without [CLS]
-            logits = self.accelerator.unwrap_model(model).aux_grounding_head(tokens).float()
-            num_kinds = len(scenes.KINDS) + 1
-            aux = F.cross_entropy(logits[..., :num_kinds].flatten(0, 1), kinds.flatten()) + F.cross_entropy(
-                logits[..., num_kinds:].flatten(0, 1), colors.flatten())
-            loss = loss + self.aux_weight * aux / self.args.gradient_accumulation_steps
+        if targets and model.training:
+            unwrapped = self.accelerator.unwrap_model(model)
+            for name, (weight, function) in self.aux_losses.items():
+                aux = function(unwrapped, outputs.image_hidden_states, targets)
+                loss = loss + weight * aux / self.args.gradient_accumulation_steps
+                self._aux_sums[name][0] += float(aux.detach())
+                self._aux_sums[name][1] += 1
         return (loss, outputs) if return_outputs else loss
 
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:  # a training log line: the auxiliary losses' means since the last one
+            for name, (total, count) in self._aux_sums.items():
+                if count:
+                    logs[f"aux_{name}"] = round(total / count, 4)
+            self._aux_sums = {name: [0.0, 0] for name in self.aux_losses}
+        super().log(logs, *args, **kwargs)
 
-def trainer_setup(model, data_args: DataArguments, collator: NanoVLMCollator):
-    """(collator, Trainer class, extra Trainer kwargs) for this run: with the per-token grounding loss
-    (default on scenes when the decoder reads a map of visual tokens) `model` gets its auxiliary head."""
-    aux_weight = data_args.aux_grounding_weight
-    if aux_weight is None:
-        aux_weight = 1.0 if data_args.dataset == "scenes" and model.config.vision_feature_select != "cls" else 0.0
-    if aux_weight <= 0:
+
+def trainer_setup(model, data_args: DataArguments, collator: NanoVLMCollator, train_texts=()):
+    """(collator, Trainer class, extra Trainer kwargs) for this run, with the training-only losses asked
+    for (the per-token grounding loss is on by default on scenes when the decoder reads a map of
+    visual tokens); `model` gets their heads."""
+    grounding = data_args.aux_grounding_weight
+    if grounding is None:
+        grounding = 1.0 if data_args.dataset == "scenes" and model.config.vision_feature_select != "cls" else 0.0
+    aux_losses, grid, word_index = {}, None, None
+    if grounding > 0:
+        if data_args.dataset != "scenes":
+            raise ValueError("--aux_grounding_weight needs --dataset scenes (it uses the scenes' ground truth)")
+        grid = token_grid(model.config)
+        model.aux_grounding_head = torch.nn.Linear(model.config.hidden_size, len(scenes.KINDS) + len(scenes.COLORS) + 2)
+        aux_losses["grounding"] = (grounding, grounding_loss)
+    if data_args.aux_words_weight > 0:
+        vocabulary = word_vocabulary(train_texts, data_args.aux_words_min_count)
+        if not vocabulary:
+            raise ValueError(f"--aux_words_weight: no content word is used {data_args.aux_words_min_count}+ times in the "
+                             "training captions; lower --aux_words_min_count")
+        logger.info("words loss over %d content words (used %d+ times)", len(vocabulary), data_args.aux_words_min_count)
+        word_index = {w: i for i, w in enumerate(vocabulary)}
+        hidden = model.config.hidden_size
+        model.aux_words_head = torch.nn.Sequential(torch.nn.LayerNorm(hidden), torch.nn.Linear(hidden, len(vocabulary)))
+        # Start at the prior that a photo's captions use ~10 of the words: a first loss near the caption
+        # loss's size, not one dominated by thousands of 50% guesses.
+        torch.nn.init.constant_(model.aux_words_head[1].bias, -math.log(len(vocabulary) / 10))
+        aux_losses["words"] = (data_args.aux_words_weight, words_loss)
+    if not aux_losses:
         return collator, Trainer, {}
-    if data_args.dataset != "scenes":
-        raise ValueError("--aux_grounding_weight needs --dataset scenes (it uses the scenes' ground truth)")
-    grid = token_grid(model.config)
-    model.aux_grounding_head = torch.nn.Linear(model.config.hidden_size, len(scenes.KINDS) + len(scenes.COLORS) + 2)
-    return SceneTargetsCollator(collator, grid), AuxGroundingTrainer, {"aux_weight": aux_weight}
+    return AuxTargetsCollator(collator, grid, word_index), AuxLossTrainer, {"aux_losses": aux_losses}
 
 
 def eval_metric_scores(name: str, captions: list[str], examples: list[dict]) -> dict:
@@ -280,14 +472,17 @@ class SampleCaptionsCallback(TrainerCallback):
         for caption, ex in list(zip(captions, self.examples))[:min(3, self.num_samples)]:
             logger.info("step %d | model: %s | truth: %s", state.global_step, caption, ex["text"])
         record = {"step": state.global_step, "captions": captions[: self.num_samples]}
-        if self.metric:
-            scores = eval_metric_scores(self.metric, captions, self.examples)
-            logger.info("step %d | %s", state.global_step, scores)
-            record.update(scores)
-            if metrics is not None:
-                metrics.update(scores)  # returned by trainer.evaluate(): final.* in metrics.json
-            if state.log_history and "eval_loss" in state.log_history[-1]:
-                state.log_history[-1].update(scores)  # the evaluation's own log line: loss curve data, checkpoints
+        scores = eval_metric_scores(self.metric, captions, self.examples) if self.metric else {}
+        if len(self.examples) >= 2:  # does the decoder read the image? (evaluation.image_use)
+            texts = [ex["text"] for ex in self.examples]
+            scores["eval_image_gap"] = image_gap(model, self.processor, [ex["image"] for ex in self.examples], texts)["image_gap"]
+            scores["eval_unique_caption_share"] = unique_caption_share(captions)
+        logger.info("step %d | %s", state.global_step, scores)
+        record.update(scores)
+        if metrics is not None:
+            metrics.update(scores)  # returned by trainer.evaluate(): final.* in metrics.json
+        if state.log_history and "eval_loss" in state.log_history[-1]:
+            state.log_history[-1].update(scores)  # the evaluation's own log line: loss curve data, checkpoints
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -303,6 +498,9 @@ def final_report(trainer, processor, validation, data_args, max_new_tokens, bad,
     if data_args.dataset == "scenes":
         scores = scenes.grounding_scores(captions, [scenes.scene_from_row(r) for r in rows])
         metrics.update({f"grounding.{k}": v for k, v in scores.items()})
+    if n >= 2:
+        metrics.update({f"image_use.{k}": v for k, v in image_gap(trainer.model, processor, images, rows["text"]).items()})
+        metrics["image_use.unique_caption_share"] = unique_caption_share(captions)
     metrics.update({
         "wall_seconds": round(time.time() - started, 1),
         "world_size": trainer.args.world_size,
@@ -315,6 +513,9 @@ def final_report(trainer, processor, validation, data_args, max_new_tokens, bad,
     })
     for name, key in (("first_logged_loss", "loss"), ("first_eval_loss", "eval_loss")):
         metrics[name] = next((h[key] for h in trainer.state.log_history if key in h), None)
+    for key in sorted({k for h in trainer.state.log_history for k in h if k.startswith("aux_")}):
+        logged = [h[key] for h in trainer.state.log_history if key in h]
+        metrics[f"first_logged_{key}"], metrics[f"last_logged_{key}"] = logged[0], logged[-1]
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     plot_loss_curve(trainer.state.log_history, os.path.join(out, "loss_curve.png"))
@@ -335,20 +536,25 @@ def main(argv=None):
     started = time.time()
     image_size = image_size_of(model_args)
     bad = data.BadImages()
+    check_output_dir(training_args)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     os.makedirs(training_args.output_dir, exist_ok=True)
     with training_args.main_process_first(desc="data and tokenizer"):
         train, validation = load_splits(data_args, image_size, training_args.seed, bad)
-        processor = build_processor(model_args, train["text"], image_size, training_args.output_dir)
+        processor = build_processor(model_args, train["text"], image_size, training_args.output_dir, resuming=resume is not None)
         if training_args.process_index == 0:
             processor.save_pretrained(training_args.output_dir)
             with open(os.path.join(training_args.output_dir, "arguments.json"), "w") as f:  # for the model card
                 json.dump({"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()}, f, indent=2)
     model = build_model(model_args, len(processor.tokenizer))
+    max_length = caption_length(model, model_args.max_length)
     logger.info("%s parameters, %d training / %d validation examples", f"{model.num_parameters():,}", len(train), len(validation))
     max_new_tokens = data_args.max_new_tokens or (110 if data_args.scenes_style == "long" else 48)
     n_eval = max(data_args.num_sample_captions, data_args.eval_metrics_examples if data_args.eval_metrics else 0)
     samples = [validation[i] for i in range(min(n_eval, len(validation)))]
-    collator, trainer_class, extra = trainer_setup(model, data_args, NanoVLMCollator(processor, model_args.max_length))
+    collator, trainer_class, extra = trainer_setup(model, data_args, NanoVLMCollator(processor, max_length), train["text"])
+    if data_args.augment:
+        train = train.with_transform(CaptionAugment(seed=training_args.seed).transform_batch)
     trainer = trainer_class(
         model=model,
         args=training_args,
@@ -360,19 +566,18 @@ def main(argv=None):
                                           data_args.eval_metrics, data_args.num_sample_captions)],
         **extra,
     )
-    resume = training_args.resume_from_checkpoint
-    if resume in ("latest", "true", "True"):
-        resume = True
     trainer.train(resume_from_checkpoint=resume)
-    if hasattr(model, "aux_grounding_head"):
-        del model.aux_grounding_head  # a training aid: the released model is a plain captioner
+    for head in ("aux_grounding_head", "aux_words_head"):
+        if hasattr(model, head):
+            delattr(model, head)  # a training aid: the released model is a plain captioner
     trainer.save_model()
     eval_metrics = trainer.evaluate()  # every rank takes part
     if trainer.is_world_process_zero():
         metrics = final_report(trainer, processor, validation, data_args, max_new_tokens, bad, started, eval_metrics)
         for sample in metrics["samples"][:6]:
             print(f"model: {sample['model']}\ntruth: {sample['truth']}\n")
-        summary = {k: metrics[k] for k in ("final.eval_loss", "grounding.object_recall", "grounding.chair_i") if k in metrics}
+        keys = ("final.eval_loss", "grounding.object_recall", "grounding.chair_i", "image_use.image_gap", "image_use.unique_caption_share")
+        summary = {k: metrics[k] for k in keys if k in metrics}
         print(json.dumps(summary | {"wall_seconds": metrics["wall_seconds"], "output_dir": training_args.output_dir}, indent=2))
         if bad.rows:
             print(f"skipped {len(bad.rows)} unreadable image(s); see metrics.json 'data.skipped_bad_images'")
@@ -381,4 +586,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:  # a refused input: its message says what to do
+        sys.exit(f"train.py: error: {err}")

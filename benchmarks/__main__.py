@@ -180,7 +180,7 @@ def run(settings: Settings, device: str = "cpu", threads: int | None = None, bf1
 
 def _run(settings, device, threads, bf16, image_dir, work) -> dict:
     threads = threads or torch.get_num_threads()
-    bf16 = device == "cuda" if bf16 is None else bf16  # NanoVLM's precision as train.py's README runs it
+    bf16 = device == "cuda" if bf16 is None else bf16  # NanoVLM's precision as train.py runs it
     measure = functools.partial(speed.isolated, device=device, threads=threads)
     model_args = speed.train.parse_args([])[0]
     preset = model_args.preset  # train.py's default

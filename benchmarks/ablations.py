@@ -1,4 +1,4 @@
-"""The README's "what each change bought" figures: each change against its alternative, in one process.
+"""The "what each change bought" figures of docs/benchmarks.md: each change against its alternative, in one process.
 
     python -m benchmarks.ablations sdpa          # SDPA's flash kernel against the math path, fwd + bwd
     python -m benchmarks.ablations generate      # fused Q/K/V and a key-mask shortcut, A/B with identical tokens

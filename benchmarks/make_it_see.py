@@ -1,20 +1,24 @@
-"""Run training recipes on the built-in scenes and tabulate what each one makes the model see.
+"""Run training recipes and tabulate what each one makes the model see (scenes or photos).
 
     python -m benchmarks.make_it_see configuration/recipes/see/*.json --output results/see.json [-- --max_steps 10]
+    python -m benchmarks.make_it_see configuration/recipes/flickr8k/*.json --output results/photos.json
 
 Each recipe is a JSON file of train.py flags (keys starting with "_" are notes; "_name" and
 "_change" label the table row). Every recipe runs in its own process, one after another, so
 wall times are comparable; the table (markdown) and every metric (JSON) are written at the end
-and after each run, so an interrupted sweep keeps what finished.
+and after each run, so an interrupted sweep keeps what finished. Each run has its own folder:
+a finished run (metrics.json there) is not run again, a stopped one resumes from its newest
+checkpoint. A recipe on COCO-layout data is then evaluated with `python -m evaluation` on every
+image of its validation file (caption metrics, the shuffled-image loss gap, distinct captions).
 """
 
 import argparse
+import glob
 import json
 import logging
 import os
 import subprocess
 import sys
-import time
 
 logger = logging.getLogger("make_it_see")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,24 +29,50 @@ def run_recipe(path: str, output_root: str, extra: list[str]) -> dict:
         recipe = json.load(f)
     name = recipe.get("_name", os.path.splitext(os.path.basename(path))[0])
     out = os.path.join(output_root, name)
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--recipe", path, "--output_dir", out, *extra]
-    logger.info("running %s", " ".join(cmd))
-    started = time.time()
-    done = subprocess.run(cmd, cwd=ROOT)
-    row = {"name": name, "change": recipe.get("_change", ""), "recipe": path, "returncode": done.returncode,
-           "wall_seconds": round(time.time() - started, 1)}
     metrics_file = os.path.join(out, "metrics.json")
-    if done.returncode == 0 and os.path.exists(metrics_file):
-        with open(metrics_file) as f:
-            metrics = json.load(f)
-        for key in ("train_examples_seen", "final.eval_loss", "grounding.object_recall", "grounding.object_precision",
-                    "grounding.chair_i", "grounding.chair_s", "num_parameters"):
-            row[key] = metrics.get(key)
-        row["sample"] = metrics["samples"][0] if metrics.get("samples") else None
+    row = {"name": name, "change": recipe.get("_change", ""), "recipe": path, "output_dir": out}
+    if os.path.exists(metrics_file):
+        logger.info("%s finished before: %s", name, metrics_file)
+        row["returncode"] = 0
+    else:
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--recipe", path, "--output_dir", out, *extra]
+        if glob.glob(os.path.join(out, "checkpoint-*")):
+            cmd += ["--resume_from_checkpoint", "latest"]
+        elif os.path.isdir(out) and os.listdir(out):  # stopped before its first checkpoint: start it afresh
+            cmd += ["--overwrite_output_dir", "true"]
+        logger.info("running %s", " ".join(cmd))
+        row["returncode"] = subprocess.run(cmd, cwd=ROOT).returncode
+    if row["returncode"] != 0 or not os.path.exists(metrics_file):
+        return row
+    with open(metrics_file) as f:
+        metrics = json.load(f)
+    for key in ("train_examples_seen", "wall_seconds", "final.eval_loss", "grounding.object_recall", "grounding.object_precision",
+                "grounding.chair_i", "grounding.chair_s", "num_parameters"):
+        row[key] = metrics.get(key)
+    row["sample"] = metrics["samples"][0] if metrics.get("samples") else None
+    if recipe.get("dataset") == "coco" and recipe.get("validation_caption_file"):
+        row.update(evaluate_photos(recipe, out))
     return row
 
 
+def evaluate_photos(recipe: dict, out: str) -> dict:
+    """`python -m evaluation` captions part on every validation image (kept in OUT/eval)."""
+    report_file = os.path.join(out, "eval", "report.json")
+    if not os.path.exists(report_file):
+        cmd = [sys.executable, "-m", "evaluation", "--model", out, "--dataset", "coco", "--parts", "captions",
+               "--caption_file", recipe["validation_caption_file"], "--image_dir", recipe["image_dir"],
+               "--caption_tokenizer", "simple", "--output", os.path.join(out, "eval")]
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            return {"evaluation": "failed"}
+    with open(report_file) as f:
+        metrics = json.load(f)["metrics"]
+    keys = ("captions.bleu4", "captions.cider_d", "image_use.image_gap", "image_use.unique_caption_share")
+    return {key: metrics.get(key) for key in keys}
+
+
 def markdown(rows: list[dict]) -> str:
+    if any("captions.cider_d" in r for r in rows):
+        return photos_markdown(rows)
     lines = ["| recipe | change | samples seen | wall time | val loss | recall | CHAIR-i |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("grounding.object_recall") is None:
@@ -51,6 +81,21 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['name']} | {r['change']} | {r['train_examples_seen']:,} | {r['wall_seconds'] / 60:.1f} min | "
             f"{r['final.eval_loss']:.3f} | {r['grounding.object_recall']:.2f} | {r['grounding.chair_i']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def photos_markdown(rows: list[dict]) -> str:
+    lines = ["| recipe | change | samples seen | wall time | val loss | image gap (nats/token) | distinct captions | BLEU-4 | CIDEr-D |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("captions.cider_d") is None:
+            lines.append(f"| {r['name']} | {r['change']} | failed (exit {r['returncode']}) | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['name']} | {r['change']} | {r['train_examples_seen']:,} | {r['wall_seconds'] / 60:.1f} min | "
+            f"{r['final.eval_loss']:.3f} | {r['image_use.image_gap']:.3f} | {r['image_use.unique_caption_share']:.1%} | "
+            f"{r['captions.bleu4']:.3f} | {r['captions.cider_d']:.3f} |"
         )
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """Parameter counts per preset: `python -m benchmarks.sizes [--vocab_size N] [--json OUT]`.
 
-Prints the README's markdown table (vision / projector / decoder / total, tied lm_head counted
+Prints the markdown table of docs/architecture.md (vision / projector / decoder / total, tied lm_head counted
 once) next to the paper's totals. Models are built on the meta device: nothing is allocated.
 """
 

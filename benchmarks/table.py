@@ -1,4 +1,4 @@
-"""The README's benchmark tables, from a bench.json written by `python -m benchmarks`.
+"""The benchmark tables of docs/benchmarks.md, from a bench.json written by `python -m benchmarks`.
 
     python -m benchmarks.table bench.json
 """

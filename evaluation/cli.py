@@ -29,12 +29,13 @@ import torch
 
 from evaluation.caption_metrics import TOKENIZERS, caption_scores
 from evaluation.captioning import generate_captions
+from evaluation.image_use import image_gap, unique_caption_share
 from evaluation.judge import CRITERIA, FORMATS, PREFIX_WORDS, PROMPT_VERSION, JudgeSettings, judge, split_prompt
 from evaluation.novelty import novelty_scores
 from evaluation.report import write_report
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor
 from processing import data, scenes
-from processing.build_descriptions import _safe_url
+from processing.llm_client import safe_url
 
 logger = logging.getLogger("evaluation")
 
@@ -104,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--parts: unknown {sorted(unknown)}; choose from {PARTS}")
         if "judge" in args.parts and not args.judge_model:
             p.error("--parts judge needs --judge_model")
+    if args.num_examples is not None and args.num_examples < 1:
+        p.error(f"--num_examples must be at least 1, got {args.num_examples}")
     if args.dataset == "coco" and not (args.caption_file and args.image_dir):
         p.error("--dataset coco needs --caption_file X.json and --image_dir DIR")
     if args.dataset == "hf" and not args.data_path:
@@ -176,7 +179,7 @@ def run_judge(args, model, processor, d: EvalData, max_new_tokens: int) -> tuple
     samples = [{"beginning": b, "model": c, "model_scores": (m or {}).get("scores"), "reference": rest,
                 "reference_scores": (r or {}).get("scores")}
                for (b, c), (_, rest), m, r in zip(groups["model"], groups["reference"], result["records"]["model"], result["records"]["reference"])]
-    settings_out = {"judge_model": args.judge_model, "judge_base_url": _safe_url(args.judge_base_url), "judge_format": result["format"],
+    settings_out = {"judge_model": args.judge_model, "judge_base_url": safe_url(args.judge_base_url), "judge_format": result["format"],
                     "judge_prompt_version": PROMPT_VERSION, "judge_criteria": list(CRITERIA), "protocol": args.protocol,
                     "protocol_prefix_words": list(PREFIX_WORDS[args.protocol]), "judge_samples": len(chosen),
                     "judge_usage_this_run": result["usage"]}
@@ -219,6 +222,10 @@ def main(argv=None) -> int:
         metrics |= {f"captions.{k}": v for k, v in scores.items()}
         for sample, cider in zip(samples, per_item["cider_d"]):
             sample["cider_d"] = cider
+        # Does the model read the image? Shuffled-image loss gap and the share of distinct captions.
+        if len(d.images) >= 2:
+            metrics |= {f"image_use.{k}": v for k, v in image_gap(model, processor, d.images, d.texts, args.batch_size).items()}
+            metrics["image_use.unique_caption_share"] = unique_caption_share(captions)
         seconds["captions"] = time.perf_counter() - t
     if "novelty" in parts:
         t = time.perf_counter()

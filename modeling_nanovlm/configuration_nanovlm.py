@@ -29,7 +29,7 @@ PRESETS = {
     ),
 }
 
-# Ours, on top of the paper's: its presets made to see (README, "What makes it see"). 112x112 pixels
+# Ours, on top of the paper's: its presets made to see (docs/experiments.md, "What makes it see"). 112x112 pixels
 # (4x fewer patches), the decoder reads every patch token (49 + [CLS]) instead of [CLS] alone, no
 # dropout. train.py trains mini-112 by default, with a per-token auxiliary loss on the built-in scenes.
 SEEING_PRESETS = {

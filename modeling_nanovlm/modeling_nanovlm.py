@@ -6,6 +6,7 @@ decoder, the base model that joins them, and the captioning head. The decoder se
 This file is shipped to the Hub as remote code: it imports only torch, transformers and stdlib.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -15,9 +16,11 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_nanovlm import NanoVLMConfig
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -192,6 +195,32 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     _supports_sdpa = True
     _no_split_modules = ["NanoVLMBlock"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with errors that name the folder: a local path that does not
+        exist, or damaged weights (a truncated model.safetensors)."""
+        name = os.fspath(pretrained_model_name_or_path)
+        looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+        if looks_local and not os.path.isdir(os.path.expanduser(name)):
+            raise OSError(f"{name}: no such folder; pass a folder written by save_pretrained or a Hub repo id (org/name)")
+        wants_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        except Exception as err:
+            if type(err).__name__ != "SafetensorError":  # safetensors' error class, not imported: Hub code imports torch/transformers only
+                raise
+            raise OSError(
+                f"{name}: the weights (model.safetensors) could not be read ({err}); the file is damaged or incomplete: "
+                "save or download the model again"
+            ) from None
+        missing = sorted(set(info["missing_keys"]) - set(cls._tied_weights_keys or {}))
+        if missing:  # a NanoVLM save holds every weight: anything missing would run as random numbers
+            raise OSError(
+                f"{name}: {len(missing)} weight(s) are missing from the checkpoint (e.g. {missing[0]}); it is not a complete "
+                f"{cls.__name__} save: save or download the model again"
+            )
+        return (model, info) if wants_info else model
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -369,6 +398,32 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values):
         return self.model.get_image_features(pixel_values)
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate`, with the caption's length capped at what the decoder's position
+        table holds after the visual prefix and the prompt (a warning, not an error mid-generation that
+        would lose the whole batch's text), as transformers does for `max_length`."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        prompt = 0 if input_ids is None else input_ids.shape[-1]
+        prefix = self.config.num_image_tokens if kwargs.get("pixel_values") is not None else 0
+        room = self.config.max_position_embeddings - prefix - prompt
+        config = generation_config or self.generation_config
+        asked = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+        if asked is None:
+            asked = kwargs.get("max_length", getattr(config, "max_length", None) or 20) - prompt
+        if room <= 0:
+            raise ValueError(
+                f"the prompt ({prompt} tokens) and the {prefix} visual tokens fill the decoder's "
+                f"{self.config.max_position_embeddings} positions: shorten the prompt"
+            )
+        if asked > room:
+            logger.warning(
+                "max_new_tokens=%d would run past the decoder's %d positions (%d visual + %d prompt tokens): "
+                "generating at most %d new tokens", asked, self.config.max_position_embeddings, prefix, prompt, room,
+            )
+            kwargs.pop("max_length", None)
+            kwargs["max_new_tokens"] = room
+        return super().generate(inputs, generation_config, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         # A static cache (`cache_implementation="static"`) must also hold the visual prefix, which

@@ -35,6 +35,8 @@ def to_rgb(image, name="image", min_size: int | None = None) -> Image.Image:
     """
     if isinstance(image, (str, os.PathLike)):
         name = os.fspath(image)
+        if os.path.exists(name) and not os.path.isfile(name):  # a folder, a FIFO (would block), a device
+            raise ValueError(f"{name} is not a regular file; pass an image file (JPEG/PNG/...)")
         try:
             with Image.open(name) as opened:
                 if min_size:
@@ -43,6 +45,8 @@ def to_rgb(image, name="image", min_size: int | None = None) -> Image.Image:
                 image = opened.copy() if opened.mode != "P" else opened.convert("RGBA")
         except FileNotFoundError:
             raise ValueError(f"{name}: no such image file") from None
+        except Image.DecompressionBombError as err:
+            raise ValueError(f"{name} is too large to decode safely ({err}); resize it first") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise ValueError(f"{name} could not be decoded as an image ({err}); pass a JPEG/PNG/... file") from None
     if not isinstance(image, Image.Image):
@@ -79,6 +83,8 @@ class NanoVLMProcessor(ProcessorMixin):
         if images is not None:
             single = not isinstance(images, (list, tuple))
             images = [images] if single else list(images)
+            if not images:
+                raise ValueError("images is an empty list; pass at least one image (or images=None for text only)")
             if images and isinstance(images[0], (list, tuple)):  # one image per sample, as chat templates nest them
                 images = [image for group in images for image in group]
             min_size = max(self.image_processor.size.get("height", 0), self.image_processor.size.get("width", 0)) or None

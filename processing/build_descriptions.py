@@ -36,7 +36,6 @@ import re
 import shutil
 import sys
 import time
-import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -44,8 +43,8 @@ from datetime import datetime, timezone
 import datasets
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from processing.data import load_coco_captions
-from processing.llm_client import FatalLLMError, JsonlCache, LLMClient, run_pool
+from processing.data import BadImages, decode_error, load_coco_captions
+from processing.llm_client import FatalLLMError, JsonlCache, LLMClient, run_pool, safe_url
 from processing.prompts import Prompts, load_prompts
 
 logger = logging.getLogger(__name__)
@@ -129,14 +128,17 @@ class Item:
 
 def load_items(caption_file: str, image_dir: str, styles: list[str], limit: int | None) -> tuple[list[Item], list[dict]]:
     """One item per (image, style), images in id order, the first `limit` images; and the images
-    whose file is missing (they are reported, never requested)."""
-    rows = load_coco_captions(caption_file, image_dir, caption_policy="first").cast_column("image", datasets.Image(decode=False))
+    skipped with their reason: a file missing, outside `image_dir` or not an image (they are
+    reported, never requested, never copied into the dataset)."""
+    outside = BadImages()
+    rows = load_coco_captions(caption_file, image_dir, caption_policy="first", bad=outside).cast_column("image", datasets.Image(decode=False))
+    missing = [{"image_id": image_id, "image": name, "reason": reason} for _, image_id, name, reason in outside.rows]
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
-    items, missing = [], []
+    items = []
     for image, image_id, captions in zip(rows["image"], rows["image_id"], rows["references"]):
-        if not os.path.isfile(image["path"]):
-            missing.append({"image_id": image_id, "image": image["path"]})
+        if (reason := decode_error(image)) is not None:
+            missing.append({"image_id": image_id, "image": image["path"], "reason": reason})
             continue
         items.extend(Item(image_id, image["path"], captions, style) for style in styles)
     return items, missing
@@ -160,13 +162,13 @@ async def describe(items: list[Item], client: LLMClient, prompts: Prompts, cache
             max_tokens=args.max_tokens or hi * 3 + 50,
             **({"stop": args.stop} if args.stop else {}),
         )
-        text = answer.value if answer.ok else None
+        text = client.redact(answer.value) if answer.ok else None  # a server may echo the key back
         cache.append({
             "model": client.model, "prompt_version": prompts.version, "style": item.style, "image_id": item.image_id,
             "status": "done" if answer.ok else "failed", "text": text, "reason": answer.reason,
-            "answer": None if answer.ok else answer.text, "word_count": count_words(text) if text else None,
+            "answer": None if answer.ok or answer.text is None else client.redact(answer.text), "word_count": count_words(text) if text else None,
             "grade": round(reading_grade(text), 2) if text else None, "attempts": answer.attempts, "asks": answer.asks,
-            "rejected": answer.rejected, "prompt_tokens": answer.usage.prompt_tokens,
+            "rejected": [client.redact(r) for r in answer.rejected], "prompt_tokens": answer.usage.prompt_tokens,
             "completion_tokens": answer.usage.completion_tokens, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
         if not answer.ok:
@@ -219,6 +221,8 @@ def save_dataset(dataset: datasets.DatasetDict, output: str) -> datasets.Dataset
     """save_to_disk (images embedded) into OUTPUT/dataset, replaced atomically, and parquet per split."""
     final, staging = os.path.join(output, "dataset"), os.path.join(output, "dataset.tmp")
     shutil.rmtree(staging, ignore_errors=True)
+    # One accepted image makes an empty validation split, which datasets cannot save: keep the splits with rows.
+    dataset = datasets.DatasetDict({name: split for name, split in dataset.items() if len(split)})
     dataset.save_to_disk(staging)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
@@ -240,7 +244,7 @@ def make_report(args, prompts: Prompts, client: LLMClient | None, items: list[It
     first_ok = sum(1 for r in mine if r["asks"] >= 1 and not r["rejected"])
     histogram = {style: dict(sorted(Counter(r["word_count"] for r in done if r["style"] == style).items())) for style in args.styles}
     return {
-        "model": args.model, "base_url": _safe_url(args.base_url), "prompt_version": prompts.version, "styles": args.styles,
+        "model": args.model, "base_url": safe_url(args.base_url), "prompt_version": prompts.version, "styles": args.styles,
         "items": len(items) + len(missing) * len(args.styles),
         "done": len(done), "done_this_run": sum(1 for r in mine if r["status"] == "done"),
         "cached": sum(1 for r in done if (r["style"], r["image_id"]) in before),
@@ -262,13 +266,6 @@ def make_report(args, prompts: Prompts, client: LLMClient | None, items: list[It
         },
         "seconds": round(seconds, 2), "items_per_second": round(len(mine) / seconds, 3) if mine and seconds > 0 else None,
     }
-
-
-def _safe_url(url: str | None) -> str | None:
-    if not url:
-        return url
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) if parts.hostname else url
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -320,7 +317,8 @@ def main(argv=None) -> int:
         prompts.word_range(style)
     items, missing = load_items(args.caption_file, args.image_dir, args.styles, args.limit)
     if missing:
-        logger.warning("%d image file(s) are missing and will not be requested, e.g. %s", len(missing), missing[0]["image"])
+        logger.warning("%d image(s) are skipped and will not be requested, e.g. %s (%s); report.json lists them",
+                       len(missing), missing[0]["image"], missing[0]["reason"])
     os.makedirs(args.output, exist_ok=True)
     cache = JsonlCache(args.cache or os.path.join(args.output, "cache.jsonl"), KEY_FIELDS)
     key = lambda item: (args.model, prompts.version, item.style, item.image_id)  # noqa: E731
@@ -375,4 +373,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as err:  # a refused input: its message says what to do
+        sys.exit(f"build_descriptions: error: {err}")

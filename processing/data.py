@@ -32,37 +32,66 @@ class BadImages:
         return {"count": len(self.rows), "examples": [dict(zip(("split", "row", "image", "reason"), r)) for r in self.rows[:20]]}
 
 
-def load_coco_captions(caption_file: str, image_dir: str, caption_policy: str = "all", seed: int = 0) -> datasets.Dataset:
+def load_coco_captions(
+    caption_file: str, image_dir: str, caption_policy: str = "all", seed: int = 0, bad: "BadImages | None" = None
+) -> datasets.Dataset:
     """An MS-COCO captions JSON (`images`: id, file_name; `annotations`: image_id, caption).
 
     `caption_policy`: "all" gives one example per caption, "first" one per image with its first
     caption, "random" one per image with a caption drawn with `seed`. Columns: image, text,
     image_id, references (all captions of the image, for evaluation).
+    Every `file_name` must resolve inside `image_dir`: one that does not (an absolute path, `../`)
+    stops the load naming it, or with `bad` given is skipped and recorded there. Empty or null
+    captions are skipped and counted in a warning.
     """
     if caption_policy not in CAPTION_POLICIES:
         raise ValueError(f"caption_policy must be one of {CAPTION_POLICIES}, got {caption_policy!r}")
     for path, what in ((caption_file, "caption file"), (image_dir, "image directory")):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{what} {path} does not exist")
-    with open(caption_file) as f:
-        coco = json.load(f)
+    with open(caption_file, "rb") as f:
+        try:
+            coco = json.loads(f.read())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{caption_file} is not JSON ({err}); pass an MS-COCO captions JSON (images + annotations)") from None
     if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
         raise ValueError(f"{caption_file} is not in the MS-COCO captions layout (needs 'images' and 'annotations')")
     captions: dict[int, list[str]] = {}
-    for ann in coco["annotations"]:
+    empty = 0
+    for n, ann in enumerate(coco["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
+            raise ValueError(f"{caption_file}: annotation {n} ({str(ann)[:80]}) needs 'image_id' and 'caption'")
+        if not isinstance(ann["caption"], str) or not ann["caption"].strip():
+            empty += 1
+            continue
         captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+    if empty:
+        logger.warning("%s: skipped %d empty or null caption(s)", caption_file, empty)
+    for n, image in enumerate(coco["images"]):
+        if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
+            raise ValueError(f"{caption_file}: image {n} ({str(image)[:80]}) needs 'id' and a 'file_name' string")
+    root = os.path.realpath(image_dir)
     rng = random.Random(seed)
     rows = {"image": [], "text": [], "image_id": [], "references": []}
-    for image in sorted(coco["images"], key=lambda im: im["id"]):
+    for image in sorted(coco["images"], key=lambda im: (isinstance(im["id"], str), im["id"])):
         refs = captions.get(image["id"], [])
         if not refs:
             continue
+        path = os.path.join(image_dir, image["file_name"])
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            reason = f"file_name {image['file_name']!r} resolves outside the image folder {image_dir}"
+            if bad is None:
+                raise ValueError(f"{caption_file}: image {image['id']}: {reason}; file names must be relative paths inside it")
+            bad.rows.append(("captions", image["id"], image["file_name"], reason))
+            continue
         chosen = {"all": refs, "first": refs[:1], "random": [rng.choice(refs)]}[caption_policy]
         for text in chosen:
-            rows["image"].append(os.path.join(image_dir, image["file_name"]))
+            rows["image"].append(path)
             rows["text"].append(text)
             rows["image_id"].append(image["id"])
             rows["references"].append(refs)
+    if not rows["image"]:
+        raise ValueError(f"{caption_file}: no image with a caption (and a file inside {image_dir}); nothing to load")
     return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
 
 
@@ -101,7 +130,18 @@ def load_hf(data_path: str, image_column: str = "image", text_column: str = "tex
     return datasets.DatasetDict(renamed)
 
 
-def _try_decode(value) -> str | None:
+def drop_empty_texts(dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+    """Drop (and count in a warning) rows whose text is missing, not a string or blank: a model must
+    not learn to say nothing."""
+    empty = [i for i, text in enumerate(dataset["text"]) if not isinstance(text, str) or not text.strip()]
+    if not empty:
+        return dataset
+    logger.warning("skipping %d row(s) of the %s data with an empty or missing text (e.g. row %d)", len(empty), split, empty[0])
+    drop = set(empty)
+    return dataset.select([i for i in range(len(dataset)) if i not in drop])
+
+
+def decode_error(value) -> str | None:
     """None if the image decodes, else the reason it does not."""
     try:
         if value.get("bytes") is not None:
@@ -124,7 +164,7 @@ def check_images(dataset: datasets.Dataset, split: str, skip_bad_images: bool, b
     for row, value in enumerate(tqdm(raw["image"], desc=f"checking {split} images", mininterval=2)):
         if value is None:
             found.append((split, row, "<none>", "empty image cell"))
-        elif (reason := _try_decode(value)) is not None:
+        elif (reason := decode_error(value)) is not None:
             found.append((split, row, value.get("path") or f"row {row}", reason))
     if not found:
         return dataset

@@ -27,6 +27,7 @@ import os
 import random
 import re
 import time
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -93,6 +94,14 @@ class _ItemError(Exception):
     """Not retryable and specific to this request (400, 422): the item fails, the run goes on."""
 
 
+def safe_url(url: str | None) -> str | None:
+    """`url` without user name or password, fit for logs and reports."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) if parts.hostname else url
+
+
 class LLMClient:
     def __init__(
         self,
@@ -120,6 +129,10 @@ class LLMClient:
         self.timeout, self.max_attempts = timeout, max_attempts
         self.backoff_base, self.backoff_max, self.max_retry_after = backoff_base, backoff_max, max_retry_after
         self.usage = Usage()
+        self.base_url = safe_url(base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1")
+        # Connection errors in a row with no HTTP answer between them: a server that is down or a wrong
+        # --base_url would otherwise fail every item (and be recorded as failed) one by one.
+        self._unreachable, self.max_unreachable = 0, max(3, max_attempts)
         self._semaphore = asyncio.Semaphore(concurrency)
         self._resume_at = 0.0  # monotonic time before which no request is sent (Retry-After)
         # The SDK's own retries are off: this class counts every attempt against the item's cap.
@@ -206,8 +219,15 @@ class LLMClient:
                 raise _Transient("timeout", f"no answer within {self.timeout:g}s") from None
             except openai.APIConnectionError as err:
                 usage.errors["connection"] += 1
+                self._unreachable += 1
+                if self._unreachable >= self.max_unreachable:
+                    raise FatalLLMError(
+                        f"server unreachable at {self.base_url}: {self._unreachable} connection errors in a row "
+                        f"({self.redact(str(err))}); check --base_url and that the server is running"
+                    ) from None
                 raise _Transient("connection", self.redact(str(err))) from None
             except openai.APIStatusError as err:
+                self._unreachable = 0
                 status, detail = err.status_code, self.redact(f"HTTP {err.status_code}: {err.message}")[:300]
                 usage.errors[str(status)] += 1
                 if status in FATAL_STATUS:
@@ -219,6 +239,7 @@ class LLMClient:
             except (json.JSONDecodeError, openai.APIResponseValidationError) as err:  # a body that is not JSON
                 usage.errors["malformed"] += 1
                 raise _Transient("malformed", f"unreadable response body ({type(err).__name__})") from None
+        self._unreachable = 0
         choices = getattr(response, "choices", None)
         if isinstance(response, str) or not choices or choices[0].message is None or choices[0].message.content is None:
             usage.errors["malformed"] += 1

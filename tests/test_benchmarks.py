@@ -83,7 +83,7 @@ def test_benchmark_report_has_every_figure(tmp_path):
         assert points and all(0 <= p["object_recall"] <= 1 and p["eval_loss"] > 0 for p in points)
     assert "object_recall" in report["time_to_quality"]["summary"]
 
-    table = markdown(report)  # the README's tables: every goal, every preset, every generation setting
+    table = markdown(report)  # docs/benchmarks.md's tables: every goal, every preset, every generation setting
     assert all(f"| `{key}` |" in table for key in TARGETS)
     assert "| mini | " in table and "| 1, 3 | " in table and "| 4, 5 | " in table
     assert f"{report['cache_speedup']:.1f}x, identical tokens" in table

@@ -198,16 +198,14 @@ def test_output_loads_into_train_py_with_both_styles_of_an_image_in_one_split(tm
     assert data.check_images(train, "train", False, data.BadImages()) is train
 
 
-def test_concurrency_bounds_requests_in_flight_and_speeds_up_the_run(tmp_path):
+def test_concurrency_bounds_requests_in_flight(tmp_path):
+    """Counted, not timed: with --concurrency N the server sees more than N/2 and at most N requests
+    at once (speed belongs in benchmarks; a wall-clock assertion fails on a loaded machine)."""
     write_coco(tmp_path, 12)
-    timings = {}
     for concurrency in (1, 8):
-        with FakeOpenAIServer(latency=0.2) as server:
-            start = time.perf_counter()
-            build(server, tmp_path, "--style", "short", "--concurrency", str(concurrency), out=f"out{concurrency}")
-            timings[concurrency] = time.perf_counter() - start
+        with FakeOpenAIServer(latency=0.3) as server:  # a generous timeout: no retry on a loaded machine
+            build(server, tmp_path, "--style", "short", "--concurrency", str(concurrency), "--timeout", "30", out=f"out{concurrency}")
         assert concurrency // 2 < server.max_in_flight <= concurrency and len(server.log) == 12
-    assert timings[8] < timings[1] / 2
 
 
 def test_sigkill_then_rerun_requests_nothing_that_was_cached(tmp_path, caplog):

@@ -198,7 +198,7 @@ def test_default_recipe_names_what_is_in_the_picture(tmp_path):
     """A short version of the default run (mini-112, per-token auxiliary loss, lr 5e-4, batch 16):
     16,000 scenes, about 4.5 minutes on 2 cores. It measured recall 0.133 and CHAIR-i 0.73 on 100
     validation scenes where the former default (mini at 224 pixels, pooled visual tokens, no
-    auxiliary loss) reached 0.034 after 20,000; the full default crosses 0.8 (README)."""
+    auxiliary loss) reached 0.034 after 20,000; the full default crosses 0.8 (docs/experiments.md)."""
     out = tmp_path / "see"
     train.main(["--output_dir", str(out), "--num_train_examples", "16000", "--num_validation_examples", "100",
                 "--eval_strategy", "no", "--save_strategy", "no", "--num_sample_captions", "0",
