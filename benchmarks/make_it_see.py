@@ -70,33 +70,25 @@ def evaluate_photos(recipe: dict, out: str) -> dict:
     return {key: metrics.get(key) for key in keys}
 
 
+# (header, metric key, format) of the columns after recipe, change, samples seen and wall time
+SCENES_COLUMNS = [("val loss", "final.eval_loss", "{:.3f}"), ("recall", "grounding.object_recall", "{:.2f}"),
+                  ("CHAIR-i", "grounding.chair_i", "{:.2f}")]
+PHOTOS_COLUMNS = [("val loss", "final.eval_loss", "{:.3f}"), ("image gap (nats/token)", "image_use.image_gap", "{:.3f}"),
+                  ("distinct captions", "image_use.unique_caption_share", "{:.1%}"), ("BLEU-4", "captions.bleu4", "{:.3f}"),
+                  ("CIDEr-D", "captions.cider_d", "{:.3f}")]
+
+
 def markdown(rows: list[dict]) -> str:
-    if any("captions.cider_d" in r for r in rows):
-        return photos_markdown(rows)
-    lines = ["| recipe | change | samples seen | wall time | val loss | recall | CHAIR-i |", "|---|---|---|---|---|---|---|"]
+    columns = PHOTOS_COLUMNS if any("captions.cider_d" in r for r in rows) else SCENES_COLUMNS
+    header = ["recipe", "change", "samples seen", "wall time", *(name for name, _, _ in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        if r.get("grounding.object_recall") is None:
-            lines.append(f"| {r['name']} | {r['change']} | failed (exit {r['returncode']}) | | | | |")
+        if any(r.get(key) is None for _, key, _ in columns):
+            lines.append(f"| {r['name']} | {r['change']} | failed (exit {r.get('returncode')}) |" + " |" * (len(header) - 3))
             continue
-        lines.append(
-            f"| {r['name']} | {r['change']} | {r['train_examples_seen']:,} | {r['wall_seconds'] / 60:.1f} min | "
-            f"{r['final.eval_loss']:.3f} | {r['grounding.object_recall']:.2f} | {r['grounding.chair_i']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-def photos_markdown(rows: list[dict]) -> str:
-    lines = ["| recipe | change | samples seen | wall time | val loss | image gap (nats/token) | distinct captions | BLEU-4 | CIDEr-D |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r.get("captions.cider_d") is None:
-            lines.append(f"| {r['name']} | {r['change']} | failed (exit {r['returncode']}) | | | | | | |")
-            continue
-        lines.append(
-            f"| {r['name']} | {r['change']} | {r['train_examples_seen']:,} | {r['wall_seconds'] / 60:.1f} min | "
-            f"{r['final.eval_loss']:.3f} | {r['image_use.image_gap']:.3f} | {r['image_use.unique_caption_share']:.1%} | "
-            f"{r['captions.bleu4']:.3f} | {r['captions.cider_d']:.3f} |"
-        )
+        cells = [r["name"], r["change"], f"{r['train_examples_seen']:,}", f"{r['wall_seconds'] / 60:.1f} min",
+                 *(fmt.format(r[key]) for _, key, fmt in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -63,20 +63,17 @@ def _csv_as_captions(tmp):
     return coco_args(str(tmp / "captions.csv"), images)
 
 
-def _annotation_without_image_id(tmp):
-    caption_file, images = write_coco(tmp)
-    coco = json.loads(Path(caption_file).read_text())
-    del coco["annotations"][1]["image_id"]
-    Path(caption_file).write_text(json.dumps(coco))
-    return coco_args(caption_file, images)
+def _coco_edited(edit):
+    """A train.py argument maker: a valid COCO caption file, then `edit(coco)` applied to it."""
 
+    def make(tmp):
+        caption_file, images = write_coco(tmp)
+        coco = json.loads(Path(caption_file).read_text())
+        edit(coco)
+        Path(caption_file).write_text(json.dumps(coco))
+        return coco_args(caption_file, images)
 
-def _image_without_file_name(tmp):
-    caption_file, images = write_coco(tmp)
-    coco = json.loads(Path(caption_file).read_text())
-    del coco["images"][0]["file_name"]
-    Path(caption_file).write_text(json.dumps(coco))
-    return coco_args(caption_file, images)
+    return make
 
 
 def _hf_folder(tmp, texts):
@@ -105,8 +102,8 @@ TRAIN_CASES = [
     ("coco without files", lambda tmp: ["--dataset", "coco"], ValueError, "needs --caption_file"),
     ("caption file missing", lambda tmp: coco_args(str(tmp / "nope.json"), str(tmp)), FileNotFoundError, "caption file .*nope.json does not exist"),
     ("CSV as caption file", _csv_as_captions, ValueError, r"captions.csv is not JSON .*MS-COCO"),
-    ("annotation without image_id", _annotation_without_image_id, ValueError, "annotation 1 .*needs 'image_id' and 'caption'"),
-    ("image without file_name", _image_without_file_name, ValueError, "image 0 .*needs 'id' and a 'file_name'"),
+    ("annotation without image_id", _coco_edited(lambda coco: coco["annotations"][1].pop("image_id")), ValueError, "annotation 1 .*needs 'image_id' and 'caption'"),
+    ("image without file_name", _coco_edited(lambda coco: coco["images"][0].pop("file_name")), ValueError, "image 0 .*needs 'id' and a 'file_name'"),
     ("absolute path outside image_dir", lambda tmp: coco_args(*write_coco(tmp, file_names=["/etc/passwd", "1.png", "2.png"])),
      ValueError, "image 0: file_name '/etc/passwd' resolves outside the image folder"),
     ("../ path outside image_dir", lambda tmp: coco_args(*write_coco(tmp, file_names=["../captions.json", "1.png", "2.png"])),
