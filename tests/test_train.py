@@ -98,6 +98,22 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_resume_latest_skips_a_checkpoint_left_half_written(tmp_path):
+    """A kill while checkpoint-4 was being written (its trainer_state.json torn): `latest` resumes from
+    checkpoint-2, the newest complete one, and says which it skipped."""
+    out = tmp_path / "run"
+    common = ["--num_train_examples", "64", "--num_validation_examples", "8", "--per_device_train_batch_size", "8",
+              "--save_steps", "2", "--eval_strategy", "no", "--logging_steps", "1", "--use_cpu", "--output_dir", str(out)]
+    run_train(*common, "--max_steps", "4")
+    state = out / "checkpoint-4" / "trainer_state.json"
+    state.write_text(state.read_text()[:40])  # torn mid-write
+    result = run_train(*common, "--max_steps", "6", "--resume_from_checkpoint", "latest")
+    assert f"skipping incomplete checkpoint {out / 'checkpoint-4'}" in result.stderr
+    assert metrics(out)["global_step"] == 6
+    history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h][:2] == [1, 2]  # steps 3-4 retrained from checkpoint-2
+
+
 # --- data sources -------------------------------------------------------------------------------
 
 
