@@ -149,16 +149,19 @@ def read_recipe(path: str) -> dict:
 
 
 def parse_args(argv: list[str]):
+    """The three argument dataclasses: train.py's DEFAULTS, then a --recipe file's values, then the
+    command line's flags, each overriding the one before (all through one HfArgumentParser)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, NanoVLMTrainingArguments))
-    recipe = []
-    if "--recipe" in argv:  # a JSON file of flags ("_"-keys are notes), applied before the command line's
-        i = argv.index("--recipe")
-        if i + 1 >= len(argv):
-            raise ValueError("--recipe needs a JSON file, e.g. --recipe configuration/recipes/flickr8k/best.json")
-        recipe = [a for k, v in read_recipe(argv[i + 1]).items() if not k.startswith("_") for a in (f"--{k}", str(v))]
-        argv = argv[:i] + argv[i + 2 :]
-    defaults = [a for k, v in DEFAULTS.items() for a in (f"--{k}", str(v))]
-    return parser.parse_args_into_dataclasses(args=defaults + recipe + argv)
+    parser.add_argument("--recipe", default=None, help="a JSON file of these flags (keys starting with _ are notes); "
+                        "the command line's flags override it")
+    known = {action.dest for action in parser._actions}
+    recipe_path = parser.parse_known_args(argv)[0].recipe
+    recipe = {k: v for k, v in read_recipe(recipe_path).items() if not k.startswith("_")} if recipe_path else {}
+    if unknown := sorted(set(recipe) - known):
+        raise ValueError(f"--recipe {recipe_path}: unknown flag(s) {unknown}; see python train.py --help")
+    parser.set_defaults(**{**DEFAULTS, **recipe})
+    *groups, rest = parser.parse_args_into_dataclasses(args=argv)  # rest: the --recipe flag itself
+    return tuple(groups)
 
 
 def load_splits(args: DataArguments, image_size: int, seed: int, bad: data.BadImages):

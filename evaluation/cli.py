@@ -21,11 +21,12 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version
 
 import torch
+from transformers import HfArgumentParser
 
 from evaluation.caption_metrics import TOKENIZERS, caption_scores
 from evaluation.captioning import generate_captions
@@ -55,50 +56,78 @@ class EvalData:
     train_source: str | None = None
 
 
+def _arg(default=None, help=None, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class EvaluationArguments:
+    model: str = field(metadata={"help": "a saved NanoVLM folder (model + processor)"})
+    dataset: str = field(metadata={"help": "scenes, coco or hf", "choices": ["scenes", "coco", "hf"]})
+    output: str = field(metadata={"help": "folder for report.json, report.md, samples.png, judge_cache.jsonl"})
+    parts: str | None = _arg(help=f"comma-separated subset of {','.join(PARTS)} (default: all the data allows)")
+    num_examples: int | None = _arg(help="evaluate the first N examples (default: scenes 256, else all)")
+    batch_size: int = _arg(32, "captions generated at once")
+    max_new_tokens: int | None = _arg(help="default: 110 for long scenes, else 48")
+    device: str | None = _arg(help="default: cuda when available, else cpu")
+    seed: int = _arg(0, "draws the judge protocol's beginning lengths")
+    grid_size: int = _arg(12, "pictures in samples.png")
+
+
+@dataclass
+class ScenesArguments:
+    _argument_group_name = "scenes"
+    scenes_style: str = _arg("short", "short or long descriptions", choices=sorted(scenes.WORD_RANGES))
+    scenes_seed: int = _arg(scenes.VALIDATION_SEED, "split seed of the evaluated scenes")
+    train_examples: int = _arg(20000, "training scenes whose texts novelty compares against")
+
+
+@dataclass
+class CocoArguments:
+    _argument_group_name = "coco (MS-COCO-layout captions)"
+    caption_file: str | None = _arg(help="captions JSON of the evaluated images")
+    image_dir: str | None = _arg(help="folder of the images")
+    train_caption_file: str | None = _arg(help="training captions JSON, for novelty")
+    train_caption_policy: str = _arg("all", "which training captions count", choices=list(data.CAPTION_POLICIES))
+
+
+@dataclass
+class HfDataArguments:
+    _argument_group_name = "hf (Hub name, save_to_disk folder, parquet, imagefolder)"
+    data_path: str | None = _arg(help="the dataset")
+    split: str | None = _arg(help="evaluated split (default: validation, else test)")
+    image_column: str = _arg("image", "image column")
+    text_column: str = _arg("text", "text column")
+    references_column: str | None = _arg(help="a column of reference lists (default: the text column)")
+
+
+@dataclass
+class MetricArguments:
+    _argument_group_name = "caption metrics and the LLM judge (paper protocol)"
+    caption_tokenizer: str = _arg("auto", "ptb (COCO's, needs java), simple, or auto", choices=list(TOKENIZERS))
+    judge_model: str | None = _arg(help="judge model name as the server knows it (the paper: gpt-4o)")
+    judge_base_url: str | None = _arg(help="OpenAI-compatible API root (default: OpenAI)")
+    judge_api_key_env: str = _arg("OPENAI_API_KEY", "environment variable holding the judge's API key")
+    judge_samples: int = _arg(50, "examples whose completion (and reference) are judged")
+    protocol: str | None = _arg(help="beginning of 6-7 or 18-20 words (default: the style)", choices=sorted(PREFIX_WORDS))
+    judge_format: str = _arg("auto", "response_format; auto probes the server", choices=["auto", *FORMATS])
+    judge_concurrency: int = _arg(4, "judge requests in flight")
+    judge_timeout: float = _arg(120.0, "seconds before a judge request is retried")
+    judge_max_attempts: int = _arg(6, "HTTP requests per judged text at most")
+    judge_max_reasks: int = _arg(2, "re-asks after an unreadable grade")
+    judge_max_tokens: int = _arg(120, "grade length cap")
+    judge_backoff_base: float = _arg(1.0, "first retry waits about this many seconds, doubling after")
+    judge_cache: str | None = _arg(help="default: OUTPUT/judge_cache.jsonl (share one to reuse grades)")
+
+
+ARGUMENTS = (EvaluationArguments, ScenesArguments, CocoArguments, HfDataArguments, MetricArguments)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a saved NanoVLM folder (model + processor)")
-    p.add_argument("--dataset", required=True, choices=("scenes", "coco", "hf"))
-    p.add_argument("--output", required=True, help="folder for report.json, report.md, samples.png, judge_cache.jsonl")
-    p.add_argument("--parts", default=None, help=f"comma-separated subset of {','.join(PARTS)} (default: all the data allows)")
-    p.add_argument("--num_examples", type=int, default=None, help="evaluate the first N examples (default: scenes 256, else all)")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--max_new_tokens", type=int, default=None, help="default: 110 for long scenes, else 48")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--seed", type=int, default=0, help="draws the judge protocol's beginning lengths")
-    p.add_argument("--grid_size", type=int, default=12, help="pictures in samples.png")
-    g = p.add_argument_group("scenes")
-    g.add_argument("--scenes_style", default="short", choices=sorted(scenes.WORD_RANGES))
-    g.add_argument("--scenes_seed", type=int, default=scenes.VALIDATION_SEED, help="split seed of the evaluated scenes")
-    g.add_argument("--train_examples", type=int, default=20000, help="training scenes whose texts novelty compares against")
-    g = p.add_argument_group("coco (MS-COCO-layout captions)")
-    g.add_argument("--caption_file", help="captions JSON of the evaluated images")
-    g.add_argument("--image_dir", help="folder of the images")
-    g.add_argument("--train_caption_file", help="training captions JSON, for novelty")
-    g.add_argument("--train_caption_policy", default="all", choices=data.CAPTION_POLICIES, help="which training captions count")
-    g = p.add_argument_group("hf (Hub name, save_to_disk folder, parquet, imagefolder)")
-    g.add_argument("--data_path")
-    g.add_argument("--split", default=None, help="evaluated split (default: validation, else test)")
-    g.add_argument("--image_column", default="image")
-    g.add_argument("--text_column", default="text")
-    g.add_argument("--references_column", default=None, help="a column of reference lists (default: the text column)")
-    g = p.add_argument_group("caption metrics")
-    g.add_argument("--caption_tokenizer", default="auto", choices=TOKENIZERS, help="ptb (COCO's, needs java), simple, or auto")
-    g = p.add_argument_group("LLM judge (paper protocol)")
-    g.add_argument("--judge_model", default=None, help="judge model name as the server knows it (the paper: gpt-4o)")
-    g.add_argument("--judge_base_url", default=None, help="OpenAI-compatible API root (default: OpenAI)")
-    g.add_argument("--judge_api_key_env", default="OPENAI_API_KEY")
-    g.add_argument("--judge_samples", type=int, default=50, help="examples whose completion (and reference) are judged")
-    g.add_argument("--protocol", default=None, choices=sorted(PREFIX_WORDS), help="beginning of 6-7 or 18-20 words (default: the style)")
-    g.add_argument("--judge_format", default="auto", choices=("auto", *FORMATS), help="response_format; auto probes the server")
-    g.add_argument("--judge_concurrency", type=int, default=4)
-    g.add_argument("--judge_timeout", type=float, default=120.0)
-    g.add_argument("--judge_max_attempts", type=int, default=6)
-    g.add_argument("--judge_max_reasks", type=int, default=2)
-    g.add_argument("--judge_max_tokens", type=int, default=120)
-    g.add_argument("--judge_backoff_base", type=float, default=1.0)
-    g.add_argument("--judge_cache", default=None, help="default: OUTPUT/judge_cache.jsonl (share one to reuse grades)")
-    args = p.parse_args(argv)
+    """Every flag in one namespace (the dataclasses above are the documentation: `--help`)."""
+    p = HfArgumentParser(ARGUMENTS, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = p.parse_args_into_dataclasses(args=argv)
+    args = argparse.Namespace(**{k: v for group in groups for k, v in asdict(group).items()})
     if args.parts is not None:
         args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
         if unknown := set(args.parts) - set(PARTS):
@@ -169,9 +198,9 @@ def run_judge(args, model, processor, d: EvalData, max_new_tokens: int) -> tuple
                              batch_size=args.batch_size, max_new_tokens=max_new_tokens)
     completions = [f[len(b):].strip() for f, b in zip(full, beginnings)]
     settings = JudgeSettings(
-        args.judge_model, args.judge_base_url, args.judge_api_key_env, args.judge_format, args.judge_concurrency,
-        args.judge_timeout, args.judge_max_attempts, args.judge_max_reasks, args.judge_max_tokens,
-        backoff_base=args.judge_backoff_base,
+        model=args.judge_model, base_url=args.judge_base_url, api_key_env=args.judge_api_key_env, response_format=args.judge_format,
+        concurrency=args.judge_concurrency, timeout=args.judge_timeout, max_attempts=args.judge_max_attempts,
+        max_reasks=args.judge_max_reasks, max_tokens=args.judge_max_tokens, backoff_base=args.judge_backoff_base,
     )
     groups = {"model": list(zip(beginnings, completions)), "reference": [(b, rest) for _, (b, rest) in chosen]}
     result = judge(groups, settings, args.judge_cache or os.path.join(args.output, "judge_cache.jsonl"))

@@ -37,11 +37,12 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import datasets
 from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers import HfArgumentParser
 
 from processing.data import BadImages, decode_error, load_coco_captions
 from processing.llm_client import FatalLLMError, JsonlCache, LLMClient, run_pool, safe_url
@@ -271,33 +272,43 @@ def make_report(args, prompts: Prompts, client: LLMClient | None, items: list[It
 # --- command line -----------------------------------------------------------------------------------
 
 
+def _arg(default=None, help=None, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class BuilderArguments:
+    caption_file: str = field(metadata={"help": "MS-COCO captions JSON (images + annotations)"})
+    image_dir: str = field(metadata={"help": "folder of the images named in the caption file"})
+    style: str = _arg("both", "ShortDesc (20-25 words), LongDesc (60-70) or both", choices=["short", "long", "both"])
+    limit: int | None = _arg(help="only the first N images (by id)")
+    output: str = _arg("outputs/descriptions", "folder for cache.jsonl, dataset/, parquet/, report.json")
+    cache: str | None = _arg(help="cache file (default OUTPUT/cache.jsonl); share one across outputs to reuse answers")
+    retry_failed: bool = _arg(False, "re-request items the cache holds as failed")
+    base_url: str | None = _arg(help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)")
+    model: str = _arg("gpt-4o", "model name as the server knows it (the paper: gpt-4o)")
+    api_key_env: str = _arg("OPENAI_API_KEY", "environment variable holding the API key")
+    concurrency: int = _arg(8, "requests in flight at once")
+    timeout: float = _arg(60.0, "seconds before a request counts as failed (and is retried)")
+    max_attempts: int = _arg(6, "HTTP requests per item at most, retries and re-asks included")
+    max_reasks: int = _arg(2, "re-asks after an answer that fails validation")
+    backoff_base: float = _arg(1.0, "first retry waits about this many seconds, doubling after")
+    backoff_max: float = _arg(60.0, "longest wait between retries (Retry-After aside)")
+    temperature: float = _arg(0.7, "sampling temperature")
+    max_tokens: int | None = _arg(help="answer length cap (default: 3 x the style's top word count + 50)")
+    stop: list[str] | None = _arg(help="stop sequence(s); escapes allowed (--stop '\\n' ends a base model's answer at its first line)")
+    max_grade: float = _arg(3.0, "highest Flesch-Kincaid grade accepted (the simple-language check)")
+    prompts: str | None = _arg(help="JSON file overriding the built-in prompts (see processing/prompts.py)")
+    merge_system: bool = _arg(False, "send the system prompt inside the user message (for chat templates that drop system "
+                              "messages, e.g. llama.cpp's gemma)")
+    validation_fraction: float = _arg(0.1, "share of images in the validation split")
+    push_to_hub: str | None = _arg(help="also push the dataset to this Hub repo", metavar="REPO")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--caption_file", required=True, help="MS-COCO captions JSON (images + annotations)")
-    p.add_argument("--image_dir", required=True, help="folder of the images named in the caption file")
-    p.add_argument("--style", default="both", choices=("short", "long", "both"), help="ShortDesc (20-25 words), LongDesc (60-70) or both")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images (by id)")
-    p.add_argument("--output", default="outputs/descriptions", help="folder for cache.jsonl, dataset/, parquet/, report.json")
-    p.add_argument("--cache", default=None, help="cache file (default OUTPUT/cache.jsonl); share one across outputs to reuse answers")
-    p.add_argument("--retry_failed", action="store_true", help="re-request items the cache holds as failed")
-    p.add_argument("--base_url", default=None, help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)")
-    p.add_argument("--model", default="gpt-4o", help="model name as the server knows it (the paper: gpt-4o)")
-    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as failed (and is retried)")
-    p.add_argument("--max_attempts", type=int, default=6, help="HTTP requests per item at most, retries and re-asks included")
-    p.add_argument("--max_reasks", type=int, default=2, help="re-asks after an answer that fails validation")
-    p.add_argument("--backoff_base", type=float, default=1.0, help="first retry waits about this many seconds, doubling after")
-    p.add_argument("--backoff_max", type=float, default=60.0, help="longest wait between retries (Retry-After aside)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max_tokens", type=int, default=None, help="answer length cap (default: 3 x the style's top word count + 50)")
-    p.add_argument("--stop", action="append", default=None, help="stop sequence, repeatable; escapes allowed (--stop '\\n' ends a base model's answer at its first line)")
-    p.add_argument("--max_grade", type=float, default=3.0, help="highest Flesch-Kincaid grade accepted (the simple-language check)")
-    p.add_argument("--prompts", default=None, help="JSON file overriding the built-in prompts (see processing/prompts.py)")
-    p.add_argument("--merge_system", action="store_true", help="send the system prompt inside the user message (for chat templates that drop system messages, e.g. llama.cpp's gemma)")
-    p.add_argument("--validation_fraction", type=float, default=0.1, help="share of images in the validation split")
-    p.add_argument("--push_to_hub", default=None, metavar="REPO", help="also push the dataset to this Hub repo")
-    args = p.parse_args(argv)
+    p = HfArgumentParser(BuilderArguments, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    (parsed,) = p.parse_args_into_dataclasses(args=argv)
+    args = argparse.Namespace(**asdict(parsed))
     args.styles = ["short", "long"] if args.style == "both" else [args.style]
     args.stop = [codecs.decode(s, "unicode_escape") for s in args.stop] if args.stop else None
     if args.limit is not None and args.limit < 1:
