@@ -539,7 +539,8 @@ def main(argv=None):
     started = time.time()
     image_size = image_size_of(model_args)
     bad = data.BadImages()
-    check_output_dir(training_args)
+    if training_args.process_index == 0:  # other ranks could see the files rank 0 is already writing
+        check_output_dir(training_args)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     os.makedirs(training_args.output_dir, exist_ok=True)
     with training_args.main_process_first(desc="data and tokenizer"):
