@@ -159,9 +159,31 @@ def parse_args(argv: list[str]):
     recipe = {k: v for k, v in read_recipe(recipe_path).items() if not k.startswith("_")} if recipe_path else {}
     if unknown := sorted(set(recipe) - known):
         raise ValueError(f"--recipe {recipe_path}: unknown flag(s) {unknown}; see python train.py --help")
-    parser.set_defaults(**{**DEFAULTS, **recipe})
+    parser.set_defaults(**{**DEFAULTS, **recipe, **launch_defaults()})
     *groups, rest = parser.parse_args_into_dataclasses(args=argv)  # rest: the --recipe flag itself
     return tuple(groups)
+
+
+def launch_defaults() -> dict:
+    """Processes started by a launcher (WORLD_SIZE > 1) on a machine without a GPU train together on the CPU
+    (gloo), as if given --use_cpu: without it each would run alone and all would write one output folder."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        return {"use_cpu": True}
+    return {}
+
+
+def check_launch(training_args) -> None:
+    """Refuse a launch whose processes would not train together; say so when accelerate started one of several."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise ValueError(
+            f"the launcher started {launched} processes but each sees a world of {training_args.world_size}: they would train "
+            "alone and overwrite one output folder. On a machine without GPUs pass --use_cpu true (or drop --use_cpu false); "
+            "with GPUs, check the accelerate config's num_processes against the GPUs present"
+        )
+    if "ACCELERATE_USE_CPU" in os.environ and "WORLD_SIZE" not in os.environ and not torch.accelerator.is_available():
+        logger.info("one process: on a machine without GPUs `accelerate launch` starts several only with --multi_gpu "
+                    "(e.g. --config_file configuration/accelerate/cpu_2proc.yaml)")
 
 
 def load_splits(args: DataArguments, image_size: int, seed: int, bad: data.BadImages):
@@ -534,6 +556,7 @@ def main(argv=None):
     if data_args.eval_metrics == "grounding" and data_args.dataset != "scenes":
         raise ValueError("--eval_metrics grounding needs --dataset scenes (it uses the scenes' ground truth); use cider")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_launch(training_args)
     transformers.set_seed(training_args.seed)
     hub_repo = push_to_hub.take_over_trainer_push(training_args)  # --push_to_hub: repo checked now, pushed at the end
     started = time.time()

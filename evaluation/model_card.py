@@ -190,7 +190,7 @@ inputs = processor(images="picture.jpg")                    # or text=["I see a"
 out = model.generate(**inputs, max_new_tokens=48)
 print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:]))
 
-encoder_decoder = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)  # no LM head: hidden states
+model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)  # the same captioner; model.model: hidden states
 ```""",
         "## Evaluation",
         _evaluation(folder, metrics, report),

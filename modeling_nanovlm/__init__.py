@@ -1,7 +1,8 @@
 """NanoVLM: tiny vision-language models as transformers-native classes.
 
-Importing this package registers NanoVLM with transformers' Auto classes (AutoConfig, AutoModel,
-AutoModelForImageTextToText, AutoProcessor) and marks the classes so that `save_pretrained`
+Importing this package registers NanoVLM with transformers' Auto classes (AutoConfig, AutoProcessor,
+and AutoModel and AutoModelForImageTextToText, both the captioner `NanoVLMForConditionalGeneration`; the
+headless `NanoVLMModel` is its `.model`, or loaded by name) and marks the classes so that `save_pretrained`
 writes `auto_map` and copies the three code files next to the weights, for
 `from_pretrained(..., trust_remote_code=True)` in environments without this package.
 """
@@ -13,7 +14,7 @@ from .modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMModel, Nan
 from .processing_nanovlm import NanoVLMImageToTextPipeline, NanoVLMProcessor
 
 AutoConfig.register(NanoVLMConfig.model_type, NanoVLMConfig, exist_ok=True)
-AutoModel.register(NanoVLMConfig, NanoVLMModel, exist_ok=True)
+AutoModel.register(NanoVLMConfig, NanoVLMForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(NanoVLMConfig, NanoVLMForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(NanoVLMConfig, NanoVLMProcessor, exist_ok=True)
 

@@ -39,9 +39,9 @@ SEEING_PRESETS = {
 
 VISION_FEATURE_SELECTS = ("cls", "pooled", "all")
 
-AUTO_MAP = {
+AUTO_MAP = {  # AutoModel gives the model people use (the captioner), as remote-code VLMs on the Hub do
     "AutoConfig": "configuration_nanovlm.NanoVLMConfig",
-    "AutoModel": "modeling_nanovlm.NanoVLMModel",
+    "AutoModel": "modeling_nanovlm.NanoVLMForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_nanovlm.NanoVLMForConditionalGeneration",
 }
 CUSTOM_PIPELINES = {

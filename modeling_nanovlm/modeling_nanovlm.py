@@ -237,7 +237,8 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
 
 
 class NanoVLMModel(NanoVLMPreTrainedModel):
-    """Vision tower + projector + decoder, without the LM head (the AutoModel class)."""
+    """Vision tower + projector + decoder, without the LM head: hidden states (`NanoVLMModel.from_pretrained(path)`,
+    or the captioner's `.model`)."""
 
     def __init__(self, config: NanoVLMConfig):
         super().__init__(config)

@@ -73,7 +73,7 @@ def test_saved_folder_has_weights_code_and_auto_map(trained_dir):
     config = json.loads((path / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_nanovlm.NanoVLMConfig",
-        "AutoModel": "modeling_nanovlm.NanoVLMModel",
+        "AutoModel": "modeling_nanovlm.NanoVLMForConditionalGeneration",
         "AutoModelForImageTextToText": "modeling_nanovlm.NanoVLMForConditionalGeneration",
     }
     assert config["custom_pipelines"]["image-to-text"]["impl"] == "processing_nanovlm.NanoVLMImageToTextPipeline"
@@ -85,7 +85,8 @@ def test_saved_folder_has_weights_code_and_auto_map(trained_dir):
 def test_auto_classes_resolve_to_nanovlm(trained_dir):
     path, _, _ = trained_dir
     assert isinstance(AutoConfig.from_pretrained(path), NanoVLMConfig)
-    assert isinstance(AutoModel.from_pretrained(path), NanoVLMModel)
+    assert isinstance(AutoModel.from_pretrained(path), NanoVLMForConditionalGeneration)  # the captioner, as on the Hub
+    assert isinstance(NanoVLMModel.from_pretrained(path), NanoVLMModel)  # the headless model, by name
     assert isinstance(AutoModelForImageTextToText.from_pretrained(path), NanoVLMForConditionalGeneration)
     assert isinstance(AutoProcessor.from_pretrained(path), NanoVLMProcessor)
 
@@ -105,15 +106,17 @@ BLOCK_PROJECT = textwrap.dedent(
 FRESH_PROCESS = BLOCK_PROJECT + textwrap.dedent(
     """
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+    from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
     path = {path!r}
     model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     images = [Image.open(p) for p in {images!r}]
     inputs = processor(images=images)
     out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    auto = AutoModel.from_pretrained(path, trust_remote_code=True).eval()  # the model card's own call
     captioner = pipeline("image-to-text", model=path, trust_remote_code=True)
     print(json.dumps({{"tokens": out.tolist(), "module": type(model).__module__,
+                      "auto_model_tokens": auto.generate(**inputs, max_new_tokens=20, do_sample=False).tolist(),
                       "pipeline": captioner({images!r}[0])}}))
     """
 )
@@ -133,6 +136,7 @@ def test_fresh_process_loads_remote_code_and_gets_same_tokens(trained_dir, proce
     assert remote["module"].startswith("transformers_modules.")
     expected = model.generate(**processor(images=files), max_new_tokens=20, do_sample=False)
     assert remote["tokens"] == expected.tolist()
+    assert remote["auto_model_tokens"] == expected.tolist()
     assert remote["pipeline"] == [{"generated_text": CAPTIONS[0]}]
 
 

@@ -75,6 +75,33 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert ddp["train_examples_seen"] == one["train_examples_seen"] == 16
 
 
+ACCELERATE = (sys.executable, "-m", "accelerate.commands.launch")
+
+
+@pytest.mark.parametrize("launch", [
+    ("--config_file", str(ROOT / "configuration" / "accelerate" / "cpu_2proc.yaml")),
+    ("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
+], ids=["config_file", "flags"])
+def test_two_ranks_without_use_cpu_train_together_and_rank_0_writes(tmp_path, launch):
+    """No --use_cpu on a machine without GPUs: the two launched processes still form one world of 2 (they
+    would otherwise be two runs of world 1 racing on one folder)."""
+    out = tmp_path / "run"
+    result = run_train("--output_dir", str(out), "--num_train_examples", "64", "--num_validation_examples", "8",
+                       "--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_strategy", "no",
+                       "--save_strategy", "no", launcher=(*ACCELERATE, *launch))
+    assert metrics(out)["world_size"] == 2
+    assert result.stdout.count('"output_dir"') == 1  # the summary: rank 0 alone reports
+
+
+def test_a_launch_whose_ranks_would_train_alone_is_refused(tmp_path):
+    launch = ("--config_file", str(ROOT / "configuration" / "accelerate" / "cpu_2proc.yaml"))
+    result = run_train("--output_dir", str(tmp_path / "run"), "--num_train_examples", "64", "--max_steps", "2",
+                       "--use_cpu", "false", launcher=(*ACCELERATE, *launch), check=False)
+    assert result.returncode != 0
+    assert "the launcher started 2 processes but each sees a world of 1" in result.stderr and "--use_cpu true" in result.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     common = ["--num_train_examples", "256", "--num_validation_examples", "8", "--max_steps", "60",
               "--per_device_train_batch_size", "8", "--save_steps", "10", "--eval_strategy", "no", "--logging_steps", "5",

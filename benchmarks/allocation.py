@@ -1,0 +1,253 @@
+"""Where should the parameters go? Split a fixed parameter budget between the vision encoder and the
+decoder in several ways, train each split the same way, and tabulate what each model sees.
+
+    python -m benchmarks.allocation --budget mini --seeds 0 1 --output results/allocation_mini_scenes.json
+    python -m benchmarks.allocation --budget base --output results/allocation_base_scenes.json
+    python -m benchmarks.allocation --budget mini --data photos --output results/allocation_mini_photos.json
+    python -m benchmarks.allocation --budget mini --dry_run     # only print the configurations
+
+The budget is a preset's total (mini-112: ~2.6M on the scenes, base-112: ~11M) with the data's own tokenizer,
+which is trained once and shared by every run. Each split keeps the preset's depths (vision layers, decoder
+layers) and chooses the vision width and the decoder width (multiples of 8, 8 heads each) whose encoder share
+(vision tower / all parameters) is nearest the target and whose total is within 2% of the budget.
+
+Every run is a recipe of train.py flags (the default recipe's choices: its learning rate, batch, schedule,
+auxiliary loss; for photos the photo recipe's) run through `benchmarks.make_it_see`, so each run has its own
+folder, a finished run is skipped and a stopped one resumes from its newest checkpoint: the sweep can be
+stopped and started again. The JSON, a markdown table and a PNG (share on x) are rewritten after every run.
+"""
+
+import json
+import logging
+import os
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+from transformers import HfArgumentParser
+
+from benchmarks import make_it_see
+from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration
+from processing import scenes
+from processing.data import load_coco_captions
+from processing.tokenizer import train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SHARES = (0.30, 0.50, 0.70, 0.85)
+BUDGET_PRESETS = {"mini": "mini-112", "base": "base-112"}
+WIDTHS = range(32, 1025, 8)
+TOTAL_TOLERANCE = 0.02
+FLICKR8K = "../shared/data/flickr8k"
+
+# Each data kind's recipe: the flags every run shares (train.py's defaults fill in the rest).
+SCENES_RECIPE = {"dataset": "scenes", "eval_metrics": "grounding", "eval_steps": 1000, "save_steps": 500,
+                 "save_total_limit": 1, "num_validation_examples": 256}
+# The photo recipe (configuration/recipes/flickr8k/5_mini_112_v4k_words_aug.json, the best at a fixed budget)
+PHOTOS_RECIPE = {"dataset": "coco", "caption_file": f"{FLICKR8K}/captions_train.json", "image_dir": f"{FLICKR8K}/images",
+                 "validation_caption_file": f"{FLICKR8K}/captions_val.json", "caption_policy": "all",
+                 "num_validation_examples": 1000, "aux_words_weight": 1.0, "augment": True, "learning_rate": 0.001,
+                 "per_device_train_batch_size": 32, "warmup_steps": 100, "weight_decay": 0.05, "eval_steps": 500,
+                 "save_steps": 500, "save_total_limit": 1, "eval_metrics": "cider", "eval_metrics_examples": 64}
+PHOTOS_VOCAB = 4000
+SCENES_EXAMPLES_FOR_TOKENIZER = 50000  # train.py trains its tokenizer on the training texts
+
+
+@dataclass
+class AllocationArguments:
+    budget: str = field(default="mini", metadata={"help": "mini (mini-112's total, ~2.6M on the scenes) or base (base-112's, ~11M)"})
+    data: str = field(default="scenes", metadata={"help": "scenes (the built-in scenes) or photos (Flickr8k in ../shared)"})
+    shares: list[float] = field(default_factory=lambda: list(SHARES), metadata={"help": "encoder shares to train"})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "one run per share and seed"})
+    num_train_examples: int = field(default=50000, metadata={"help": "samples each run trains on (the default recipe's 50,000)"})
+    output: str = field(default="allocation.json", metadata={"help": "JSON results; the .md table and .png plot go next to it"})
+    output_root: str = field(default="outputs/allocation", metadata={"help": "where each run's folder goes"})
+    dry_run: bool = field(default=False, metadata={"help": "print the configurations and stop"})
+
+
+def count_parameters(config: NanoVLMConfig) -> dict[str, int]:
+    """Vision tower, projector, decoder (with its embedding; a tied lm_head counted once) and total."""
+    with torch.device("meta"):
+        model = NanoVLMForConditionalGeneration(config)
+    parts = {"vision": model.model.vision_tower, "projector": model.model.multi_modal_projector}
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    counts["decoder"] = counts["total"] - counts["vision"] - counts["projector"]
+    return counts
+
+
+def allocate(preset: str, vocab_size: int, shares) -> tuple[int, list[dict]]:
+    """The preset's total (the budget) and, for each share, the (vision width, decoder width) at the preset's
+    depths whose encoder share is nearest it with the total within TOTAL_TOLERANCE of the budget.
+
+    The vision tower's size depends on the vision width alone and the decoder's on the decoder width alone;
+    the projector is one Linear(vision width -> decoder width). So each side is counted once per width and
+    the grid is searched by sums; the chosen configurations are counted again whole."""
+    def build(vision_width, width):
+        return NanoVLMConfig.from_preset(preset, vocab_size=vocab_size, vision_hidden_size=vision_width, hidden_size=width)
+
+    budget = count_parameters(NanoVLMConfig.from_preset(preset, vocab_size=vocab_size))["total"]
+    vision = {w: count_parameters(build(w, WIDTHS[0]))["vision"] for w in WIDTHS}
+    decoder = {w: count_parameters(build(WIDTHS[0], w))["decoder"] for w in WIDTHS}
+    candidates = []
+    for vision_width in WIDTHS:
+        for width in WIDTHS:
+            total = vision[vision_width] + decoder[width] + vision_width * width + width
+            if abs(total / budget - 1) <= TOTAL_TOLERANCE:
+                candidates.append((vision[vision_width] / total, total, vision_width, width))
+    if not candidates:
+        raise ValueError(f"no widths in {WIDTHS} give {preset}'s total ({budget:,}) within {TOTAL_TOLERANCE:.0%}")
+    chosen = []
+    for target in shares:
+        _, _, vision_width, width = min(candidates, key=lambda c: (round(abs(c[0] - target), 3), abs(c[1] - budget)))
+        counts = count_parameters(build(vision_width, width))
+        chosen.append({"target_share": target, "vision_hidden_size": vision_width, "hidden_size": width, **counts,
+                       "share": counts["vision"] / counts["total"]})
+    return budget, chosen
+
+
+def shared_tokenizer(data: str, folder: str) -> int:
+    """Train the data's tokenizer once (as train.py would), save it in `folder`, return its size."""
+    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+        if data == "scenes":
+            texts, vocab = scenes.scene_texts(SCENES_EXAMPLES_FOR_TOKENIZER, scenes.TRAIN_SEED), 25000
+        else:
+            if not os.path.isdir(FLICKR8K):
+                raise ValueError(f"--data photos needs Flickr8k at {FLICKR8K} (COCO captions layout); it is not there")
+            texts = load_coco_captions(PHOTOS_RECIPE["caption_file"], PHOTOS_RECIPE["image_dir"])["text"]
+            vocab = PHOTOS_VOCAB
+        train_tokenizer(texts, vocab_size=vocab).save_pretrained(folder)
+    with open(os.path.join(folder, "tokenizer.json")) as f:
+        return len(json.load(f)["model"]["vocab"])
+
+
+
+def write_recipes(args: AllocationArguments, preset: str, splits: list[dict], tokenizer_dir: str) -> list[str]:
+    base = SCENES_RECIPE if args.data == "scenes" else PHOTOS_RECIPE
+    paths = []
+    for seed in args.seeds:  # every share at one seed before the next seed: a stopped sweep still spans the shares
+        for split in splits:
+            name = f"{args.budget}-{args.data}-share{round(split['target_share'] * 100)}-seed{seed}"
+            recipe = {
+                "_name": name,
+                "_change": f"encoder share {split['share']:.1%} (vision width {split['vision_hidden_size']}, "
+                           f"decoder width {split['hidden_size']}), seed {seed}",
+                **base, "preset": preset, "tokenizer": tokenizer_dir, "seed": seed,
+                "config_overrides": f"vision_hidden_size={split['vision_hidden_size']},hidden_size={split['hidden_size']}",
+            }
+            if args.data == "scenes":
+                recipe["num_train_examples"] = args.num_train_examples
+            else:
+                recipe["max_steps"] = args.num_train_examples // recipe["per_device_train_batch_size"]
+            path = os.path.join(args.output_root, "recipes", name + ".json")
+            with open(path, "w") as f:
+                json.dump(recipe, f, indent=1)
+            paths.append(path)
+    return paths
+
+
+def columns(data: str) -> list[tuple[str, str, str]]:
+    """(header, metric key, format) of what each run measured."""
+    if data == "scenes":
+        return make_it_see.SCENES_COLUMNS
+    return [("val loss", "final.eval_loss", "{:.3f}"), ("image gap", "image_use.image_gap", "{:.3f}"),
+            ("BLEU-4", "captions.bleu4", "{:.3f}"), ("CIDEr-D", "captions.cider_d", "{:.3f}")]
+
+
+def summarize(splits: list[dict], rows: list[dict], data: str) -> list[dict]:
+    """One line per share: its configuration, and each metric's mean and spread (max - min) over seeds."""
+    summary = []
+    for split in splits:
+        tag = f"-share{round(split['target_share'] * 100)}-"
+        runs = [r for r in rows if tag in r["name"] and r.get("returncode") == 0 and r.get("final.eval_loss") is not None]
+        line = {**split, "seeds_finished": len(runs)}
+        for _, key, _ in columns(data):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            line[key] = statistics.mean(values) if values else None
+            line[key + ".spread"] = max(values) - min(values) if len(values) > 1 else None
+        line["wall_minutes"] = statistics.mean(r["wall_seconds"] / 60 for r in runs) if runs else None
+        summary.append(line)
+    return summary
+
+
+def markdown(summary: list[dict], data: str, budget: int, samples: int) -> str:
+    cols = columns(data)
+    header = ["encoder share", "vision width", "decoder width", "vision / projector / decoder", "total", "seeds",
+              "wall time", *(name for name, _, _ in cols)]
+    lines = [f"Budget {budget / 1e6:.2f}M parameters, {samples:,} training samples a run; "
+             "metric: mean over seeds (± half the max-min spread where there are two or more).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summary:
+        cells = [f"{s['share']:.1%}", str(s["vision_hidden_size"]), str(s["hidden_size"]),
+                 f"{s['vision'] / 1e6:.2f}M / {s['projector'] / 1e6:.2f}M / {s['decoder'] / 1e6:.2f}M",
+                 f"{s['total'] / 1e6:.2f}M", str(s["seeds_finished"]),
+                 "-" if s["wall_minutes"] is None else f"{s['wall_minutes']:.1f} min"]
+        for _, key, fmt in cols:
+            value, spread = s.get(key), s.get(key + ".spread")
+            cells.append("-" if value is None else fmt.format(value) + ("" if spread is None else " ± " + fmt.format(spread / 2)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], rows: list[dict], data: str, path: str, title: str) -> None:
+    """One panel per metric: each seed's run as a dot, the mean over seeds as a line, share on x."""
+    from evaluation.plots import plt
+
+    cols = columns(data)
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols), 3.4), dpi=120, squeeze=False)
+    for ax, (name, key, _) in zip(axes[0], cols):
+        points = [(s["share"], s[key]) for s in summary if s.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), "-", color="tab:blue", linewidth=1.5)
+        for s in summary:
+            tag = f"-share{round(s['target_share'] * 100)}-"
+            runs = [r[key] for r in rows if tag in r["name"] and r.get(key) is not None]
+            ax.plot([s["share"]] * len(runs), runs, "o", color="tab:blue", alpha=0.6)
+        ax.set_xlabel("encoder share of parameters")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    (args,) = HfArgumentParser(AllocationArguments).parse_args_into_dataclasses(args=argv)
+    if args.budget not in BUDGET_PRESETS:
+        raise SystemExit(f"--budget must be one of {sorted(BUDGET_PRESETS)}, got {args.budget!r}")
+    if args.data not in ("scenes", "photos"):
+        raise SystemExit(f"--data must be scenes or photos, got {args.data!r}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    tokenizer_dir = os.path.join(args.output_root, f"tokenizer-{args.data}")
+    os.makedirs(os.path.join(args.output_root, "recipes"), exist_ok=True)
+    vocab_size = shared_tokenizer(args.data, tokenizer_dir)
+    preset = BUDGET_PRESETS[args.budget]
+    budget, splits = allocate(preset, vocab_size, args.shares)
+    logger.info("budget %s with a %d-token vocabulary: %s parameters", preset, vocab_size, f"{budget:,}")
+    for s in splits:
+        logger.info("share %.0f%%: vision width %d, decoder width %d -> %.1f%% of %s", s["target_share"] * 100,
+                    s["vision_hidden_size"], s["hidden_size"], s["share"] * 100, f"{s['total']:,}")
+    if args.dry_run:
+        return
+    rows = []
+    base, _ = os.path.splitext(args.output)
+    for path in write_recipes(args, preset, splits, tokenizer_dir):
+        rows.append(make_it_see.run_recipe(path, args.output_root, []))
+        summary = summarize(splits, rows, args.data)
+        report = {"command": "python -m benchmarks.allocation " + " ".join(argv or []), "machine": os.uname().nodename,
+                  "cpus": os.cpu_count(), "budget_preset": preset, "vocab_size": vocab_size, "budget": budget,
+                  "samples_per_run": args.num_train_examples, "summary": summary, "runs": rows}
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+        with open(base + ".md", "w") as f:
+            f.write(markdown(summary, args.data, budget, args.num_train_examples) + "\n")
+        plot(summary, rows, args.data, base + ".png",
+             f"{args.budget} budget ({budget / 1e6:.2f}M) on {args.data}, {args.num_train_examples:,} samples a run")
+    print(markdown(summary, args.data, budget, args.num_train_examples))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
