@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, ViTImageProcessorPil
+from transformers import HfArgumentParser, Trainer, TrainingArguments, ViTImageProcessorPil
 
 from evaluation.captioning import generate_captions
 from evaluation.image_use import image_gap, unique_caption_share
@@ -400,9 +400,12 @@ def words_loss(model, image_tokens, targets):
     return bce / words.sum().clamp(min=1.0)
 
 
-class AuxLossTrainer(Trainer):
-    """Adds `weight * loss(model, visual tokens, targets)` for each training-only loss to the caption loss,
-    and logs each as `aux_<name>` next to the loss.
+class NanoVLMTrainer(Trainer):
+    """The Trainer, plus two things. Training-only losses: `weight * loss(model, visual tokens, targets)` for
+    each is added to the caption loss and logged as `aux_<name>` next to the loss. Caption metrics: at each
+    evaluation `caption_eval` (a `CaptionEvaluation`) adds what the captions score to the evaluation's
+    metrics before the Trainer logs them, so every `--report_to` reporter, the log history (checkpoints, the
+    loss curve) and `trainer.evaluate()`'s result all hold them.
 
     The heads (`model.aux_*_head`, on the projected visual tokens the decoder reads) are trained and
     checkpointed with the model and removed before the final save: the released model is a plain
@@ -411,10 +414,17 @@ class AuxLossTrainer(Trainer):
     Photos: the image says which content words its captions use.
     """
 
-    def __init__(self, *args, aux_losses: dict, **kwargs):
+    def __init__(self, *args, aux_losses: dict | None = None, caption_eval: "CaptionEvaluation | None" = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.aux_losses = aux_losses  # name -> (weight, function)
-        self._aux_sums = {name: [0.0, 0] for name in aux_losses}
+        self.aux_losses = aux_losses or {}  # name -> (weight, function)
+        self.caption_eval = caption_eval
+        self._aux_sums = {name: [0.0, 0] for name in self.aux_losses}
+
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        if self.caption_eval is not None and self.is_world_process_zero():
+            output.metrics.update(self.caption_eval(self.model, self.state.global_step, metric_key_prefix))
+        return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = {k: inputs.pop(k) for k in [k for k in inputs if k.startswith("aux_")]}
@@ -438,7 +448,7 @@ class AuxLossTrainer(Trainer):
 
 
 def trainer_setup(model, data_args: DataArguments, collator: NanoVLMCollator, train_texts=()):
-    """(collator, Trainer class, extra Trainer kwargs) for this run, with the training-only losses asked
+    """(collator, extra NanoVLMTrainer kwargs) for this run, with the training-only losses asked
     for (the per-token grounding loss is on by default on scenes when the decoder reads a map of
     visual tokens); `model` gets their heads."""
     grounding = data_args.aux_grounding_weight
@@ -465,8 +475,8 @@ def trainer_setup(model, data_args: DataArguments, collator: NanoVLMCollator, tr
         torch.nn.init.constant_(model.aux_words_head[1].bias, -math.log(len(vocabulary) / 10))
         aux_losses["words"] = (data_args.aux_words_weight, words_loss)
     if not aux_losses:
-        return collator, Trainer, {}
-    return AuxTargetsCollator(collator, grid, word_index), AuxLossTrainer, {"aux_losses": aux_losses}
+        return collator, {}
+    return AuxTargetsCollator(collator, grid, word_index), {"aux_losses": aux_losses}
 
 
 def eval_metric_scores(name: str, captions: list[str], examples: list[dict]) -> dict:
@@ -474,42 +484,38 @@ def eval_metric_scores(name: str, captions: list[str], examples: list[dict]) -> 
     if name == "grounding":
         scores = scenes.grounding_scores(captions, [ex["scene"] for ex in examples])
         keys = ("object_recall", "object_precision", "chair_i", "attribute_accuracy")
-        return {f"eval_grounding_{k}": scores[k] for k in keys}
+        return {f"grounding_{k}": scores[k] for k in keys}
     from evaluation.caption_metrics import caption_scores  # pycocoevalcap: only loaded when asked for
 
     references = [ex.get("references") or [ex["text"]] for ex in examples]  # coco rows carry every caption
-    return {"eval_cider_d": caption_scores(captions, references, tokenizer="simple")["cider_d"]}
+    return {"cider_d": caption_scores(captions, references, tokenizer="simple")["cider_d"]}
 
 
-class SampleCaptionsCallback(TrainerCallback):
-    """At each evaluation, caption a few fixed validation images and log them next to the truth; with
-    `metric`, caption `examples` (the first `num_samples` of which are logged) and add the metric to
-    the evaluation's metrics and log."""
+class CaptionEvaluation:
+    """At each evaluation, caption a few fixed validation images, log them next to the truth and append
+    them to `path` (samples.jsonl); with `metric`, caption `examples` (the first `num_samples` of which
+    are logged) and score them. Returns the scores, prefixed like the evaluation's metrics."""
 
     def __init__(self, processor, examples, max_new_tokens, path, metric=None, num_samples=None):
         self.processor, self.examples, self.max_new_tokens, self.path = processor, examples, max_new_tokens, path
         self.metric, self.num_samples = metric, len(examples) if num_samples is None else num_samples
 
-    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
-        if not state.is_world_process_zero or not self.examples:
-            return
-        captions = generate_captions(model, self.processor, [ex["image"] for ex in self.examples], max_new_tokens=self.max_new_tokens)
+    def __call__(self, model, step: int, prefix: str = "eval") -> dict:
+        if not self.examples:
+            return {}
+        images = [ex["image"] for ex in self.examples]
+        captions = generate_captions(model, self.processor, images, max_new_tokens=self.max_new_tokens)
         for caption, ex in list(zip(captions, self.examples))[:min(3, self.num_samples)]:
-            logger.info("step %d | model: %s | truth: %s", state.global_step, caption, ex["text"])
-        record = {"step": state.global_step, "captions": captions[: self.num_samples]}
+            logger.info("step %d | model: %s | truth: %s", step, caption, ex["text"])
         scores = eval_metric_scores(self.metric, captions, self.examples) if self.metric else {}
         if len(self.examples) >= 2:  # does the decoder read the image? (evaluation.image_use)
-            texts = [ex["text"] for ex in self.examples]
-            scores["eval_image_gap"] = image_gap(model, self.processor, [ex["image"] for ex in self.examples], texts)["image_gap"]
-            scores["eval_unique_caption_share"] = unique_caption_share(captions)
-        logger.info("step %d | %s", state.global_step, scores)
-        record.update(scores)
-        if metrics is not None:
-            metrics.update(scores)  # returned by trainer.evaluate(): final.* in metrics.json
-        if state.log_history and "eval_loss" in state.log_history[-1]:
-            state.log_history[-1].update(scores)  # the evaluation's own log line: loss curve data, checkpoints
+            scores["image_gap"] = image_gap(model, self.processor, images, [ex["text"] for ex in self.examples])["image_gap"]
+            scores["unique_caption_share"] = unique_caption_share(captions)
+        scores = {f"{prefix}_{k}": v for k, v in scores.items()}
+        logger.info("step %d | %s", step, scores)
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({"step": step, "captions": captions[: self.num_samples], **scores}) + "\n")
+        return scores
 
 
 def final_report(trainer, processor, validation, data_args, max_new_tokens, bad, started, eval_metrics) -> dict:
@@ -579,18 +585,19 @@ def main(argv=None):
     max_new_tokens = data_args.max_new_tokens or (110 if data_args.scenes_style == "long" else 48)
     n_eval = max(data_args.num_sample_captions, data_args.eval_metrics_examples if data_args.eval_metrics else 0)
     samples = [validation[i] for i in range(min(n_eval, len(validation)))]
-    collator, trainer_class, extra = trainer_setup(model, data_args, NanoVLMCollator(processor, max_length), train["text"])
+    collator, extra = trainer_setup(model, data_args, NanoVLMCollator(processor, max_length), train["text"])
+    caption_eval = CaptionEvaluation(processor, samples, max_new_tokens, os.path.join(training_args.output_dir, "samples.jsonl"),
+                                     data_args.eval_metrics, data_args.num_sample_captions)
     if data_args.augment:
         train = train.with_transform(CaptionAugment(seed=training_args.seed).transform_batch)
-    trainer = trainer_class(
+    trainer = NanoVLMTrainer(
         model=model,
         args=training_args,
         data_collator=collator,
         train_dataset=train,
         eval_dataset=validation,
         processing_class=processor,
-        callbacks=[SampleCaptionsCallback(processor, samples, max_new_tokens, os.path.join(training_args.output_dir, "samples.jsonl"),
-                                          data_args.eval_metrics, data_args.num_sample_captions)],
+        caption_eval=caption_eval,
         **extra,
     )
     trainer.train(resume_from_checkpoint=resume)

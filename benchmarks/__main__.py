@@ -71,11 +71,14 @@ class Settings:
     ttq_train_examples: int = 60000
     ttq_validation_examples: int = 128
     tokenizer_texts: int = 20000  # train.py trains its tokenizer on the 20,000 training scenes
+    checkpointing_preset: str = "large"  # peak memory with and without --gradient_checkpointing, at batch_size
+    checkpointing_steps: int = 3
 
 
 QUICK = Settings(presets=("mini-112",), train_steps=2, train_seconds=1.0, train_repeats=1, warmup_steps=1, generate_reps={1: 1, 32: 1}, cache_reps=1,
                  processor_images=64, matmul_sizes=(1024,), matmul_seconds=0.5, mfu_preset="mini", bf16_steps=1,
-                 ttq_seconds=12.0, ttq_eval_seconds=6.0, ttq_train_examples=1024, ttq_validation_examples=16)
+                 ttq_seconds=12.0, ttq_eval_seconds=6.0, ttq_train_examples=1024, ttq_validation_examples=16,
+                 checkpointing_preset="mini", checkpointing_steps=1)
 
 
 def override(settings: Settings, items: list[str]) -> Settings:
@@ -265,6 +268,19 @@ def _run(settings, device, threads, bf16, image_dir, work) -> dict:
         report["mfu"][f"{name}_vs_run_start_peak"] = result["achieved_gflops"] / peak[f"{name}_gflops"] if result else None
         report[f"mfu_{name}"] = statistics.median(result["mfu_repeats"]) if result else None
     logger.info("MFU %s: fp32 %.2f, bf16 %s", settings.mfu_preset, report["mfu_fp32"], report["mfu_bf16"])
+
+    name = settings.checkpointing_preset
+    checkpointing = {flag: measure(speed.train_speed, side="nanovlm", preset=name, batch=batch_for(name), vocab_size=vocab,
+                                   steps=settings.checkpointing_steps, warmup=1, bf16=bf16, gradient_checkpointing=flag)
+                     for flag in (False, True)}
+    memory = "peak_cuda_mb" if device == "cuda" else "peak_rss_mb"
+    report["gradient_checkpointing"] = {
+        "preset": name, "batch_size": settings.batch_size, "memory": memory, "off": checkpointing[False], "on": checkpointing[True],
+        "peak_saving_mb": checkpointing[False][memory] - checkpointing[True][memory],
+        "slowdown": ratio(checkpointing[False]["samples_per_s"], checkpointing[True]["samples_per_s"]),
+    }
+    logger.info("gradient checkpointing, %s at batch %d: %s %.0f -> %.0f MB, %.2fx slower", name, settings.batch_size, memory,
+                checkpointing[False][memory], checkpointing[True][memory], report["gradient_checkpointing"]["slowdown"])
 
     pixel_values = batch["pixel_values"][: max(settings.generate_reps)]
     report["generate"] = measure(speed.generate_speed, preset=preset, vocab_size=vocab, pixel_values=pixel_values,

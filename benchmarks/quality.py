@@ -82,9 +82,8 @@ def time_to_quality(device, side, preset, processor_dir, batch_size, num_train, 
     model = build_model(side, preset, len(processor.tokenizer)).to(device)
     collator = NanoVLMCollator(processor, model_args.max_length)
     side_collator = collator if side == "nanovlm" else (lambda examples: peer_inputs(collator(examples)))
-    train_collator, trainer_class, extra = (
-        train.trainer_setup(model, data_args, collator) if side == "nanovlm" else (side_collator, Trainer, {})
-    )
+    train_collator, extra = train.trainer_setup(model, data_args, collator) if side == "nanovlm" else (side_collator, {})
+    trainer_class = train.NanoVLMTrainer if side == "nanovlm" else Trainer
     images, truth = validation["image"], [scenes.scene_from_row(row) for row in validation]
 
     @torch.no_grad()

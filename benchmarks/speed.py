@@ -126,22 +126,24 @@ class Repeated(torch.utils.data.Dataset):
 
 
 def train_speed(device, side, preset, batch, vocab_size, steps, warmup, bf16, min_seconds=0.0, count_flops=False,
-                peak_sizes=(), peak_seconds=0.0) -> dict:
+                peak_sizes=(), peak_seconds=0.0, gradient_checkpointing=False) -> dict:
     """Training samples/s (forward, backward, AdamW step) through the Trainer, on one fixed batch:
     at least `steps` timed steps after `warmup` ones, and at least `min_seconds` of them.
 
     `count_flops`: also the FLOPs of one step. `peak_sizes`: then the matmul peak at this precision,
     measured right after in this process, so that an MFU pairs two figures taken at the same time
-    (this machine's speed drifts over minutes)."""
+    (this machine's speed drifts over minutes). `gradient_checkpointing`: train with --gradient_checkpointing."""
     model = build_model(side, preset, vocab_size)
     inputs = batch if side == "nanovlm" else peer_inputs(batch)
     size = len(batch["input_ids"])
-    result = {"batch_size": size, "warmup_steps": warmup, "bf16": bf16, "parameters": model.num_parameters()}
+    result = {"batch_size": size, "warmup_steps": warmup, "bf16": bf16, "parameters": model.num_parameters(),
+              "gradient_checkpointing": gradient_checkpointing}
     if count_flops:
         result["flops_per_step"] = training_flops(model, inputs, device)
     max_steps = warmup + max(steps, 100_000)  # the clock stops it
     clock = StepClock(device, warmup, steps, min_seconds)
-    fit(model, training_arguments(side, size, max_steps, device, bf16), Repeated(inputs, size * max_steps), default_data_collator, clock)
+    args = training_arguments(side, size, max_steps, device, bf16, gradient_checkpointing=gradient_checkpointing)
+    fit(model, args, Repeated(inputs, size * max_steps), default_data_collator, clock)
     timed = len(clock.times) - warmup
     seconds = clock.times[-1] - clock.times[warmup - 1]
     result.update(steps=timed, seconds=round(seconds, 3), samples_per_s=size * timed / seconds)

@@ -63,6 +63,11 @@ def other_lines(report: dict) -> list[str]:
          f" GFLOP/s, is {mfu['fp32_vs_run_start_peak']:.2f} of the {peak['fp32_gflops']:.0f} GFLOP/s measured at the start;"
          f" bf16 autocast {bf16}."),
     ]
+    if checkpointing := report.get("gradient_checkpointing"):  # (reports before it was measured have none)
+        off, on, memory = checkpointing["off"], checkpointing["on"], checkpointing["memory"]
+        lines.append(f"- Gradient checkpointing ({checkpointing['preset']}, batch {checkpointing['batch_size']}): {memory} "
+                     f"{off[memory]:,.0f} MB without, {on[memory]:,.0f} MB with ({checkpointing['peak_saving_mb']:,.0f} MB saved), "
+                     f"{checkpointing['slowdown']:.2f}x the step time.")
     processor = report.get("processor", {})
     if "images_per_s" in processor:
         lines.append(f"- Processor: {processor['images_per_s']:.0f} Flickr8k JPEGs/s (decode, resize, normalize), "

@@ -16,6 +16,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_nanovlm import NanoVLMConfig
@@ -83,8 +84,9 @@ class NanoVLMMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class NanoVLMBlock(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)), dropout on both residuals."""
+class NanoVLMBlock(GradientCheckpointingLayer):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)), dropout on both residuals.
+    Under `model.gradient_checkpointing_enable()` its activations are recomputed in the backward pass."""
 
     def __init__(self, hidden_size, num_heads, intermediate_size, config: NanoVLMConfig, is_causal, layer_idx=None):
         super().__init__()
@@ -194,6 +196,7 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
     _no_split_modules = ["NanoVLMBlock"]
 
     @classmethod

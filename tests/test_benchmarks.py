@@ -3,6 +3,7 @@ holds every figure with sane values (no timing targets: this machine is shared).
 
 import json
 
+import pytest
 import torch
 from conftest import toy_image
 
@@ -16,6 +17,7 @@ TINY = Settings(
     presets=("mini",), batch_size=4, train_steps=1, train_seconds=0.0, train_repeats=2, warmup_steps=1, lengths=(3, 5), generate_reps={1: 1, 4: 1},
     cache_reps=1, processor_images=4, matmul_sizes=(128,), matmul_seconds=0.05, mfu_preset="mini", bf16_steps=1, bf16_mfu=True,
     ttq_seconds=1.0, ttq_eval_seconds=1.0, ttq_train_examples=8, ttq_validation_examples=4, tokenizer_texts=200,
+    checkpointing_preset="mini", checkpointing_steps=1,
 )
 
 
@@ -77,6 +79,10 @@ def test_benchmark_report_has_every_figure(tmp_path):
     assert min(fp32["mfu_repeats"]) <= report["mfu_fp32"] <= max(fp32["mfu_repeats"])
     assert report["mfu"]["fp32_vs_run_start_peak"] > 0
     assert report["processor"]["images"] == 4 and report["data_to_train_ratio"] > 0
+    checkpointing = report["gradient_checkpointing"]  # the same training step with and without recomputed blocks
+    assert checkpointing["off"]["gradient_checkpointing"] is False and checkpointing["on"]["gradient_checkpointing"] is True
+    assert checkpointing["on"]["samples_per_s"] > 0 and checkpointing["peak_saving_mb"] == pytest.approx(
+        checkpointing["off"]["peak_rss_mb"] - checkpointing["on"]["peak_rss_mb"])
 
     for side in ("nanovlm", "peer"):
         points = report["time_to_quality"][side]["points"]
@@ -87,6 +93,7 @@ def test_benchmark_report_has_every_figure(tmp_path):
     assert all(f"| `{key}` |" in table for key in TARGETS)
     assert "| mini | " in table and "| 1, 3 | " in table and "| 4, 5 | " in table
     assert f"{report['cache_speedup']:.1f}x, identical tokens" in table
+    assert "- Gradient checkpointing (mini, batch 4): peak_rss_mb" in table
 
 
 def test_ablations_compare_variants_that_write_the_same_tokens(capsys):

@@ -215,17 +215,25 @@ def test_every_metric_loads_offline_with_evaluate(tmp_path, monkeypatch):
 # --- train.py --eval_metrics -----------------------------------------------------------------------------
 
 
-def test_train_logs_grounding_and_cider_at_each_evaluation(tmp_path):
+def test_train_logs_grounding_and_cider_at_each_evaluation(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     common = [*TINY_MODEL, *QUIET, "--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_strategy", "steps",
               "--eval_steps", "1", "--save_strategy", "no", "--use_cpu", "--eval_metrics_examples", "6"]
     out = tmp_path / "scenes"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # transformers 5's way (no --logging_dir)
     train.main([*common, "--output_dir", str(out), "--num_train_examples", "32", "--num_validation_examples", "8",
-                "--eval_metrics", "grounding"])
+                "--eval_metrics", "grounding", "--report_to", "tensorboard"])
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 2]  # two evaluations during training, one at the end
     assert all(0 <= r["eval_grounding_object_recall"] <= 1 and r["captions"] == [] for r in records)  # no samples asked
     final = json.loads((out / "metrics.json").read_text())
     assert final["final.eval_grounding_chair_i"] == records[-1]["eval_grounding_chair_i"]
+    # every reporter sees them: TensorBoard has each evaluation's caption metrics next to its loss
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    for tag in ("eval/loss", "eval/grounding_object_recall", "eval/grounding_chair_i", "eval/image_gap"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 2], tag
+    assert [e.value for e in events.Scalars("eval/grounding_chair_i")] == pytest.approx([r["eval_grounding_chair_i"] for r in records])
 
     captions, images = write_coco(tmp_path / "coco", n=8)
     train.main([*common, "--output_dir", str(tmp_path / "coco_run"), "--dataset", "coco", "--caption_file", str(captions),

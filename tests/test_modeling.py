@@ -7,6 +7,7 @@ from conftest import CAPTIONS
 from benchmarks.sizes import preset_sizes
 from modeling_nanovlm import PRESETS, NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMModel
 from modeling_nanovlm.configuration_nanovlm import VISION_FEATURE_SELECTS
+from modeling_nanovlm.modeling_nanovlm import NanoVLMMLP
 
 PAPER_TOTALS = {"mini": 5e6, "base": 16e6, "large": 25e6}
 
@@ -90,6 +91,31 @@ def test_loss_backpropagates_to_every_parameter(tester, processor, images):
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+def test_gradient_checkpointing_recomputes_blocks_with_the_same_loss_and_gradients(tester, processor, images, monkeypatch):
+    inputs = processor(images=images[:4], text=CAPTIONS[:4])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    torch.manual_seed(0)
+    model = tester.get_model(hidden_dropout=0.0).train()
+    calls, mlp_forward = [], NanoVLMMLP.forward  # (the recompute skips module hooks: count the calls themselves)
+    monkeypatch.setattr(NanoVLMMLP, "forward", lambda self, x: calls.append(1) or mlp_forward(self, x))
+
+    def loss_and_grads():
+        model.zero_grad()
+        calls.clear()
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
+
+    plain_loss, plain_grads, plain_calls = loss_and_grads()
+    assert model.supports_gradient_checkpointing
+    model.gradient_checkpointing_enable()
+    loss, grads, checkpointed_calls = loss_and_grads()
+    assert checkpointed_calls == 2 * plain_calls  # every block ran again in the backward pass
+    torch.testing.assert_close(loss, plain_loss)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, msg=name)
 
 
 def test_loss_ignores_minus_100_labels(tester, processor, images):
