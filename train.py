@@ -29,10 +29,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import HfArgumentParser, Trainer, TrainingArguments, ViTImageProcessorPil
+from torch.distributed.tensor import DTensor
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, ViTImageProcessorPil
 
 from evaluation.captioning import generate_captions
 from evaluation.image_use import image_gap, unique_caption_share
+from evaluation.model_card import write_model_card
 from evaluation.plots import plot_caption_grid, plot_loss_curve
 from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMProcessor
 from processing import data, push_to_hub, scenes
@@ -175,6 +177,11 @@ def launch_defaults() -> dict:
 def check_launch(training_args) -> None:
     """Refuse a launch whose processes would not train together; say so when accelerate started one of several."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and (training_args.use_cpu or not torch.accelerator.is_available()):
+        raise ValueError(
+            "an FSDP launch on the CPU: accelerate trains it as plain DDP (every rank holds the whole model), not sharded. "
+            "FSDP needs GPUs; on a CPU use --config_file configuration/accelerate/cpu_2proc.yaml"
+        )
     if launched > 1 and training_args.world_size != launched:
         raise ValueError(
             f"the launcher started {launched} processes but each sees a world of {training_args.world_size}: they would train "
@@ -400,6 +407,20 @@ def words_loss(model, image_tokens, targets):
     return bce / words.sum().clamp(min=1.0)
 
 
+class ParameterBytes(TrainerCallback):
+    """When training starts (after FSDP has sharded the model, if it does): the parameter bytes this process
+    holds, a sharded (DTensor) parameter counting its local shard only, against the whole model's."""
+
+    local = total = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        params = list(model.parameters())
+        self.local = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in params)
+        self.total = sum(p.numel() * p.element_size() for p in params)
+        if args.world_size > 1:
+            logger.info("rank %d holds %s of the model's %s parameter bytes", args.process_index, f"{self.local:,}", f"{self.total:,}")
+
+
 class NanoVLMTrainer(Trainer):
     """The Trainer, plus two things. Training-only losses: `weight * loss(model, visual tokens, targets)` for
     each is added to the caption loss and logged as `aux_<name>` next to the loss. Caption metrics: at each
@@ -419,6 +440,8 @@ class NanoVLMTrainer(Trainer):
         self.aux_losses = aux_losses or {}  # name -> (weight, function)
         self.caption_eval = caption_eval
         self._aux_sums = {name: [0.0, 0] for name in self.aux_losses}
+        self.parameter_bytes = ParameterBytes()
+        self.add_callback(self.parameter_bytes)
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
         output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
@@ -539,6 +562,8 @@ def final_report(trainer, processor, validation, data_args, max_new_tokens, bad,
         * trainer.args.gradient_accumulation_steps,
         "global_step": trainer.state.global_step,
         "num_parameters": trainer.model.num_parameters(),
+        "parameter_bytes": trainer.parameter_bytes.total,
+        "parameter_bytes_on_rank_0": trainer.parameter_bytes.local,  # less than the whole when FSDP shards
         "data.skipped_bad_images": bad.summary(),
         "samples": [{"model": c, "truth": t} for c, t in zip(captions[:16], rows["text"][:16])],
     })
@@ -608,6 +633,8 @@ def main(argv=None):
     eval_metrics = trainer.evaluate()  # every rank takes part
     if trainer.is_world_process_zero():
         metrics = final_report(trainer, processor, validation, data_args, max_new_tokens, bad, started, eval_metrics)
+        name = os.path.basename(os.path.abspath(training_args.output_dir))
+        write_model_card(training_args.output_dir, hub_repo or training_args.hub_model_id or f"ORG/{name}")  # README.md
         for sample in metrics["samples"][:6]:
             print(f"model: {sample['model']}\ntruth: {sample['truth']}\n")
         keys = ("final.eval_loss", "grounding.object_recall", "grounding.chair_i", "image_use.image_gap", "image_use.unique_caption_share")

@@ -12,7 +12,7 @@ import math
 import re
 from pathlib import Path
 
-from huggingface_hub import ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 
 from modeling_nanovlm import NanoVLMConfig
@@ -141,6 +141,35 @@ def _evaluation(folder: Path, metrics: dict, report: dict) -> str:
     return "\n\n".join(parts) or "No measurements in this output folder (no metrics.json or report.json)."
 
 
+# metrics.json / report.json keys the Hub's model-index holds: (metric type, display name)
+INDEXED = {
+    "final.eval_loss": ("loss", "validation loss"),
+    "grounding.object_recall": ("recall", "object recall"),
+    "grounding.chair_i": ("chair_i", "CHAIR-i"),
+    "captions.bleu4": ("bleu", "BLEU-4"),
+    "captions.cider_d": ("cider", "CIDEr-D"),
+}
+
+
+def eval_results(data: dict, metrics: dict, report: dict) -> list[EvalResult]:
+    """The run's own measurements as model-index entries (on its validation split), for the Hub's filters."""
+    kind = data.get("dataset")
+    dataset = {"scenes": ("nanovlm-scenes", "NanoVLM built-in scenes"),
+               "coco": ("coco-captions", Path(data.get("validation_caption_file") or data.get("caption_file") or "captions").name),
+               "hf": (data.get("data_path") or "custom", data.get("data_path") or "custom")}.get(kind, ("custom", "training data"))
+    values = {**metrics, **{k: v for k, v in _numbers(report.get("metrics", {}))}}
+    return [EvalResult(task_type="image-to-text", dataset_type=dataset[0], dataset_name=dataset[1], dataset_split="validation",
+                       metric_type=metric, metric_name=name, metric_value=round(float(values[key]), 4))
+            for key, (metric, name) in INDEXED.items() if isinstance(values.get(key), (int, float))]
+
+
+def write_model_card(folder: str | Path, repo_id: str = "ORG/NAME", license: str = "apache-2.0") -> Path:
+    """Save the model card as `folder/README.md` (train.py does at the end of training; the push sends it)."""
+    path = Path(folder) / "README.md"
+    ModelCard(model_card(folder, repo_id, license)).save(path)
+    return path
+
+
 def model_card(folder: str | Path, repo_id: str = "ORG/NAME", license: str = "apache-2.0") -> str:
     """The README.md for `repo_id`: YAML metadata, usage, evaluation, model, training and limitations."""
     folder = Path(folder)
@@ -152,10 +181,13 @@ def model_card(folder: str | Path, repo_id: str = "ORG/NAME", license: str = "ap
     counts = parameter_counts(folder)
     preset = config.preset or "custom"
     base = model_args.get("model_name_or_path")
+    results = eval_results(data, metrics, report)
     metadata = ModelCardData(
         language="en", license=license, library_name="transformers", pipeline_tag="image-to-text",
         tags=["nanovlm", f"nanovlm-{preset}", "image-captioning", "vision-language", "custom_code"],
         datasets=datasets or None, base_model=base if _is_hub_id(base) else None,
+        metrics=sorted({r.metric_type for r in results}) or None,
+        model_name=repo_id.split("/")[-1] if results else None, eval_results=results or None,
         preset=preset,
     )
     m = lambda n: f"{n / 1e6:.2f}M ({n:,})"  # noqa: E731

@@ -7,7 +7,7 @@
 Pushed, as one commit: the weights (safetensors), config and generation config, the processor
 (tokenizer, image processor, chat template), the three Hub code files, arguments.json /
 metrics.json / report.json, samples.png / loss_curve.png, and README.md: the model card
-(`evaluation/model_card.py`). Checkpoints, samples.jsonl and training_args.bin (a pickle that
+(`evaluation/model_card.py`; written to the folder's README.md, as train.py does). Checkpoints, samples.jsonl and training_args.bin (a pickle that
 holds `--hub_token` in clear) stay home. Pushing again updates the repo; unchanged files are not
 uploaded again.
 
@@ -24,11 +24,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub import CommitInfo, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError
 from transformers import TrainingArguments
 
-from evaluation.model_card import model_card
+from evaluation.model_card import model_card, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -126,14 +126,13 @@ def push_output(
     files = files_to_push(folder)
     _check_token_absent(token, {p.name: p.read_bytes() for p in files})
     repo_id = create_repo(repo_id, token, private)
-    card = model_card(folder, repo_id, license=license)
-    _check_token_absent(token, {"README.md": card.encode()})
-    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
-    logger.info("pushing %d files from %s to %s at %s", len(operations), folder, repo_id, constants.ENDPOINT)
+    card = write_model_card(folder, repo_id, license=license)  # the folder's README.md, now naming the repo
+    _check_token_absent(token, {"README.md": card.read_bytes()})
+    logger.info("pushing %d files from %s to %s at %s", len(files) + 1, folder, repo_id, constants.ENDPOINT)
     with _hub_errors(repo_id, token):
-        info = HfApi(token=token).create_commit(
-            repo_id, operations, commit_message=commit_message or f"Upload NanoVLM from {folder.name}", revision=revision
+        info = HfApi(token=token).upload_folder(
+            repo_id=repo_id, folder_path=folder, allow_patterns=[p.name for p in files] + ["README.md"],
+            commit_message=commit_message or f"Upload NanoVLM from {folder.name}", revision=revision,
         )
     logger.info("pushed: %s", info.commit_url)
     return info

@@ -60,6 +60,15 @@ def test_tiny_model_learns_scenes(tmp_path):
     processor = AutoProcessor.from_pretrained(out)
     assert model.config.vocab_size == len(processor.tokenizer) <= 300
 
+    from huggingface_hub import ModelCard  # the model card, in the output folder with the Hub's metadata
+
+    card = ModelCard.load(out / "README.md")
+    assert (card.data.pipeline_tag, card.data.library_name) == ("image-to-text", "transformers")
+    assert {"loss", "recall", "chair_i"} <= set(card.data.metrics)
+    index = {r.metric_type: r.metric_value for r in card.data.eval_results}  # model-index: this run's own evaluation
+    assert index["recall"] == round(result["grounding.object_recall"], 4) and index["loss"] == round(result["final.eval_loss"], 4)
+    assert card.data.eval_results[0].dataset_type == "nanovlm-scenes" and card.data.eval_results[0].dataset_split == "validation"
+
 
 def test_two_process_ddp_matches_single_process(tmp_path):
     common = ["--num_train_examples", "128", "--num_validation_examples", "16", "--max_steps", "2", "--logging_steps", "1",
@@ -71,6 +80,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     run_train("--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "8", *common)
     ddp, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
     assert ddp["world_size"] == 2 and one["world_size"] == 1
+    assert ddp["parameter_bytes_on_rank_0"] == ddp["parameter_bytes"] == one["parameter_bytes"]  # DDP: a whole copy per rank
     assert abs(ddp["first_logged_loss"] - one["first_logged_loss"]) <= 1e-4
     assert ddp["train_examples_seen"] == one["train_examples_seen"] == 16
 
@@ -99,6 +109,17 @@ def test_a_launch_whose_ranks_would_train_alone_is_refused(tmp_path):
                        "--use_cpu", "false", launcher=(*ACCELERATE, *launch), check=False)
     assert result.returncode != 0
     assert "the launcher started 2 processes but each sees a world of 1" in result.stderr and "--use_cpu true" in result.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_an_fsdp_launch_on_the_cpu_is_refused_not_run_as_ddp(tmp_path):
+    """accelerate turns an FSDP config with use_cpu into MULTI_CPU (DDP, every rank the whole model): refused."""
+    config = (ROOT / "configuration" / "accelerate" / "fsdp.yaml").read_text()
+    config = config.replace("num_processes: 8", "num_processes: 2").replace("use_cpu: false", "use_cpu: true")
+    (tmp_path / "fsdp_cpu.yaml").write_text(config.replace("mixed_precision: bf16", "mixed_precision: 'no'"))
+    result = run_train("--output_dir", str(tmp_path / "run"), "--num_train_examples", "64", "--max_steps", "2",
+                       launcher=(*ACCELERATE, "--config_file", str(tmp_path / "fsdp_cpu.yaml")), check=False)
+    assert result.returncode != 0 and "FSDP needs GPUs" in result.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
