@@ -64,9 +64,10 @@ class NanoVLMAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nh, past + T, hs)
-        # A mask, when given, already holds causality; without one a causal layer needs
-        # is_causal only when queries and keys line up (no cache, or a cache that is empty).
-        is_causal = self.is_causal and attention_mask is None and T > 1 and k.shape[2] == T
+        # A mask, when given, already holds causality; without one a causal layer needs is_causal when
+        # queries and keys line up (no cache, or a cache that was empty). A plain bool without a cache, so that
+        # torch.export with a dynamic length can trace it.
+        is_causal = self.is_causal and attention_mask is None and (cache is None or k.shape[2] == T)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )
@@ -279,6 +280,8 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
             )
 
     def _check_input_ids(self, input_ids):
+        if torch.compiler.is_compiling():  # a data-dependent branch: torch.export / compile cannot trace it
+            return
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(
                 f"input_ids must be in [0, {self.config.vocab_size}) (the vocabulary size), got values in "

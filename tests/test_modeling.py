@@ -118,6 +118,29 @@ def test_gradient_checkpointing_recomputes_blocks_with_the_same_loss_and_gradien
         torch.testing.assert_close(grads[name], grad, msg=name)
 
 
+class Captioner(torch.nn.Module):
+    """What an exported NanoVLM runs: the vision tower and one decoder pass over image + prompt -> logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, pixel_values):
+        return self.model(input_ids=input_ids, pixel_values=pixel_values, use_cache=False).logits
+
+
+def test_torch_export_with_a_dynamic_batch_gives_the_same_logits(tester, processor, images):
+    model = tester.get_model().eval()
+    traced = processor(images=images[:3], text=CAPTIONS[:3], padding_side="right")
+    batch, text = torch.export.Dim("batch"), torch.export.Dim("text", max=32)
+    program = torch.export.export(Captioner(model), (traced["input_ids"], traced["pixel_values"]),
+                                  dynamic_shapes={"input_ids": {0: batch, 1: text}, "pixel_values": {0: batch}}).module()
+    for picked in ([4], [5, 6], [0, 2, 4, 6, 7]):  # other images, prompts, batch sizes and lengths than the traced ones
+        inputs = processor(images=[images[i] for i in picked], text=[CAPTIONS[i] for i in picked], padding_side="right")
+        expected = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+        torch.testing.assert_close(program(inputs["input_ids"], inputs["pixel_values"]), expected)
+
+
 def test_loss_ignores_minus_100_labels(tester, processor, images):
     model = tester.get_model()
     inputs = processor(images=images[:2], text=CAPTIONS[:2], padding_side="right")
