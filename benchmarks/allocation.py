@@ -23,11 +23,11 @@ import os
 import statistics
 from dataclasses import dataclass, field
 
-import torch
 from transformers import HfArgumentParser
 
 from benchmarks import make_it_see
-from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration
+from benchmarks.sizes import part_sizes
+from modeling_nanovlm import NanoVLMConfig
 from processing import scenes
 from processing.data import load_coco_captions
 from processing.tokenizer import train_tokenizer
@@ -50,7 +50,6 @@ PHOTOS_RECIPE = {"dataset": "coco", "caption_file": f"{FLICKR8K}/captions_train.
                  "per_device_train_batch_size": 32, "warmup_steps": 100, "weight_decay": 0.05, "eval_steps": 500,
                  "save_steps": 500, "save_total_limit": 1, "eval_metrics": "cider", "eval_metrics_examples": 64}
 PHOTOS_VOCAB = 4000
-SCENES_EXAMPLES_FOR_TOKENIZER = 50000  # train.py trains its tokenizer on the training texts
 
 
 @dataclass
@@ -60,20 +59,11 @@ class AllocationArguments:
     shares: list[float] = field(default_factory=lambda: list(SHARES), metadata={"help": "encoder shares to train"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "one run per share and seed"})
     num_train_examples: int = field(default=50000, metadata={"help": "samples each run trains on (the default recipe's 50,000)"})
+    num_validation_examples: int = field(default=0, metadata={"help": "validation examples (0: the recipe's, 256 scenes / 1,000 photos)"})
+    eval_steps: int = field(default=0, metadata={"help": "evaluate every this many steps (0: the recipe's)"})
     output: str = field(default="allocation.json", metadata={"help": "JSON results; the .md table and .png plot go next to it"})
     output_root: str = field(default="outputs/allocation", metadata={"help": "where each run's folder goes"})
     dry_run: bool = field(default=False, metadata={"help": "print the configurations and stop"})
-
-
-def count_parameters(config: NanoVLMConfig) -> dict[str, int]:
-    """Vision tower, projector, decoder (with its embedding; a tied lm_head counted once) and total."""
-    with torch.device("meta"):
-        model = NanoVLMForConditionalGeneration(config)
-    parts = {"vision": model.model.vision_tower, "projector": model.model.multi_modal_projector}
-    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
-    counts["total"] = sum(p.numel() for p in model.parameters())
-    counts["decoder"] = counts["total"] - counts["vision"] - counts["projector"]
-    return counts
 
 
 def allocate(preset: str, vocab_size: int, shares) -> tuple[int, list[dict]]:
@@ -86,9 +76,9 @@ def allocate(preset: str, vocab_size: int, shares) -> tuple[int, list[dict]]:
     def build(vision_width, width):
         return NanoVLMConfig.from_preset(preset, vocab_size=vocab_size, vision_hidden_size=vision_width, hidden_size=width)
 
-    budget = count_parameters(NanoVLMConfig.from_preset(preset, vocab_size=vocab_size))["total"]
-    vision = {w: count_parameters(build(w, WIDTHS[0]))["vision"] for w in WIDTHS}
-    decoder = {w: count_parameters(build(WIDTHS[0], w))["decoder"] for w in WIDTHS}
+    budget = part_sizes(NanoVLMConfig.from_preset(preset, vocab_size=vocab_size))["total"]
+    vision = {w: part_sizes(build(w, WIDTHS[0]))["vision"] for w in WIDTHS}
+    decoder = {w: part_sizes(build(WIDTHS[0], w))["decoder"] for w in WIDTHS}
     candidates = []
     for vision_width in WIDTHS:
         for width in WIDTHS:
@@ -100,17 +90,17 @@ def allocate(preset: str, vocab_size: int, shares) -> tuple[int, list[dict]]:
     chosen = []
     for target in shares:
         _, _, vision_width, width = min(candidates, key=lambda c: (round(abs(c[0] - target), 3), abs(c[1] - budget)))
-        counts = count_parameters(build(vision_width, width))
+        counts = part_sizes(build(vision_width, width))
         chosen.append({"target_share": target, "vision_hidden_size": vision_width, "hidden_size": width, **counts,
                        "share": counts["vision"] / counts["total"]})
     return budget, chosen
 
 
-def shared_tokenizer(data: str, folder: str) -> int:
-    """Train the data's tokenizer once (as train.py would), save it in `folder`, return its size."""
+def shared_tokenizer(data: str, folder: str, num_train_examples: int) -> int:
+    """Train the data's tokenizer once on its training texts (as train.py would), save it in `folder`, return its size."""
     if not os.path.exists(os.path.join(folder, "tokenizer.json")):
         if data == "scenes":
-            texts, vocab = scenes.scene_texts(SCENES_EXAMPLES_FOR_TOKENIZER, scenes.TRAIN_SEED), 25000
+            texts, vocab = scenes.scene_texts(num_train_examples, scenes.TRAIN_SEED), 25000
         else:
             if not os.path.isdir(FLICKR8K):
                 raise ValueError(f"--data photos needs Flickr8k at {FLICKR8K} (COCO captions layout); it is not there")
@@ -135,6 +125,7 @@ def write_recipes(args: AllocationArguments, preset: str, splits: list[dict], to
                 **base, "preset": preset, "tokenizer": tokenizer_dir, "seed": seed,
                 "config_overrides": f"vision_hidden_size={split['vision_hidden_size']},hidden_size={split['hidden_size']}",
             }
+            recipe.update({key: value for key in ("num_validation_examples", "eval_steps") if (value := getattr(args, key))})
             if args.data == "scenes":
                 recipe["num_train_examples"] = args.num_train_examples
             else:
@@ -221,7 +212,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     tokenizer_dir = os.path.join(args.output_root, f"tokenizer-{args.data}")
     os.makedirs(os.path.join(args.output_root, "recipes"), exist_ok=True)
-    vocab_size = shared_tokenizer(args.data, tokenizer_dir)
+    vocab_size = shared_tokenizer(args.data, tokenizer_dir, args.num_train_examples)
     preset = BUDGET_PRESETS[args.budget]
     budget, splits = allocate(preset, vocab_size, args.shares)
     logger.info("budget %s with a %d-token vocabulary: %s parameters", preset, vocab_size, f"{budget:,}")

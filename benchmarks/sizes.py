@@ -18,20 +18,23 @@ def count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def part_sizes(config: NanoVLMConfig) -> dict[str, int]:
+    """Parameters of a NanoVLM built from `config`, by part: vision tower, projector, decoder (with the token
+    embedding, also given alone; a tied LM head counted once) and total. Built on the meta device."""
+    with torch.device("meta"):
+        model = NanoVLMForConditionalGeneration(config)
+    inner = model.model
+    return {
+        "vision": count(inner.vision_tower),
+        "projector": count(inner.multi_modal_projector),
+        "decoder": count(inner.language_model),
+        "embedding": inner.language_model.embed_tokens.weight.numel(),
+        "total": count(model),
+    }
+
+
 def preset_sizes(**overrides) -> dict[str, dict[str, int]]:
-    sizes = {}
-    for name in PRESETS:
-        with torch.device("meta"):
-            model = NanoVLMForConditionalGeneration(NanoVLMConfig.from_preset(name, **overrides))
-        inner = model.model
-        sizes[name] = {
-            "vision": count(inner.vision_tower),
-            "projector": count(inner.multi_modal_projector),
-            "decoder": count(inner.language_model),
-            "embedding": inner.language_model.embed_tokens.weight.numel(),
-            "total": count(model),
-        }
-    return sizes
+    return {name: part_sizes(NanoVLMConfig.from_preset(name, **overrides)) for name in PRESETS}
 
 
 def markdown(sizes: dict) -> str:

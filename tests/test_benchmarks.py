@@ -107,3 +107,34 @@ def test_ablations_compare_variants_that_write_the_same_tokens(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("batch")]
     assert len(lines) == 6 and all(line.endswith("identical tokens: True") for line in lines), lines
     assert modeling.NanoVLMAttention.forward is forward and modeling.NanoVLMModel._key_mask is key_mask  # restored
+
+
+def test_allocation_splits_one_budget_and_sweeps_resumably(tmp_path, capsys):
+    from benchmarks import allocation
+
+    budget, splits = allocation.allocate("mini-112", 511, allocation.SHARES)
+    for split in splits:  # each target share met within a point, each total within 2% of mini-112's
+        assert abs(split["share"] - split["target_share"]) < 0.06 and abs(split["total"] / budget - 1) <= 0.02
+        assert split["vision"] + split["projector"] + split["decoder"] == split["total"]
+    assert [s["vision_hidden_size"] for s in splits] == sorted(s["vision_hidden_size"] for s in splits)
+
+    out = tmp_path / "alloc.json"
+    argv = ["--shares", "0.85", "--seeds", "0", "1", "--num_train_examples", "32", "--num_validation_examples", "8",
+            "--eval_steps", "1000", "--output", str(out), "--output_root", str(tmp_path / "runs")]
+    allocation.main(argv)
+    report = json.loads(out.read_text())
+    assert len(report["runs"]) == 2 and all(r["returncode"] == 0 for r in report["runs"])
+    assert [s["seeds_finished"] for s in report["summary"]] == [2]
+    for line in report["summary"]:  # mean and spread over the two seeds of each share
+        losses = [r["final.eval_loss"] for r in report["runs"] if f"share{round(line['target_share'] * 100)}-" in r["name"]]
+        assert line["final.eval_loss"] == pytest.approx(sum(losses) / 2)
+        assert line["final.eval_loss.spread"] == pytest.approx(max(losses) - min(losses))
+    assert (tmp_path / "alloc.png").stat().st_size > 0 and f"| {report['summary'][0]['share']:.1%} |" in (tmp_path / "alloc.md").read_text()
+    recipe = json.loads((tmp_path / "runs" / "recipes" / "mini-scenes-share85-seed1.json").read_text())
+    split = report["summary"][0]
+    assert recipe["seed"] == 1 and recipe["config_overrides"] == f"vision_hidden_size={split['vision_hidden_size']},hidden_size={split['hidden_size']}"
+    assert report["vocab_size"] < 511  # the tokenizer of 32 training texts, shared by both runs
+
+    capsys.readouterr()
+    allocation.main(argv)  # finished runs are not run again
+    assert json.loads(out.read_text())["runs"] == report["runs"]
