@@ -60,6 +60,21 @@ def _arg(default=None, help=None, **kwargs):
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+DECODING = {"num_beams": 1, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0}  # generate()'s own defaults
+
+
+def decoding_settings(args, generation_config) -> dict:
+    """How captions are decoded: each flag given, else the model's saved generation_config, else generate()'s
+    default (greedy); never sampled."""
+    chosen = {"do_sample": False}
+    for key, default in DECODING.items():
+        for value in (getattr(args, key), getattr(generation_config, key, None), default):
+            if value is not None:
+                chosen[key] = value
+                break
+    return chosen
+
+
 @dataclass
 class EvaluationArguments:
     model: str = field(metadata={"help": "a saved NanoVLM folder (model + processor)"})
@@ -69,6 +84,9 @@ class EvaluationArguments:
     num_examples: int | None = _arg(help="evaluate the first N examples (default: scenes 256, else all)")
     batch_size: int = _arg(32, "captions generated at once")
     max_new_tokens: int | None = _arg(help="default: 110 for long scenes, else 48")
+    num_beams: int | None = _arg(help="beam search width (default: the model's generation_config, greedy if unset)")
+    no_repeat_ngram_size: int | None = _arg(help="never repeat an n-gram of this size (default: the model's generation_config)")
+    repetition_penalty: float | None = _arg(help="penalty on tokens already written (default: the model's generation_config)")
     device: str | None = _arg(help="default: cuda when available, else cpu")
     seed: int = _arg(0, "draws the judge protocol's beginning lengths")
     grid_size: int = _arg(12, "pictures in samples.png")
@@ -233,9 +251,11 @@ def main(argv=None) -> int:
         raise ValueError("novelty needs training texts: --train_caption_file (coco), a train split (hf) or --train_examples (scenes)")
     seconds["load"] = time.perf_counter() - started
     max_new_tokens = args.max_new_tokens or (110 if args.dataset == "scenes" and args.scenes_style == "long" else 48)
+    decoding = decoding_settings(args, model.generation_config)
 
     t = time.perf_counter()
-    captions = generate_captions(model, processor, d.images, batch_size=args.batch_size, max_new_tokens=max_new_tokens, progress=True)
+    captions = generate_captions(model, processor, d.images, batch_size=args.batch_size, max_new_tokens=max_new_tokens,
+                                 progress=True, **decoding)
     seconds["captioning"] = time.perf_counter() - t
     metrics, samples = {}, [{"model": c, "reference": r} for c, r in zip(captions, d.texts)][:16]
     settings = {}
@@ -280,7 +300,7 @@ def main(argv=None) -> int:
             "model": args.model, "preset": getattr(config, "preset", None), "num_parameters": model.num_parameters(),
             "vision_feature_select": config.vision_feature_select, "dataset": args.dataset,
             "data": {k: getattr(args, k) for k in DATA_SETTINGS[args.dataset] if getattr(args, k) is not None},
-            "num_examples": len(d.images), "parts": parts, "max_new_tokens": max_new_tokens, "decoding": "greedy",
+            "num_examples": len(d.images), "parts": parts, "max_new_tokens": max_new_tokens, "decoding": decoding,
             "batch_size": args.batch_size, "device": device, "seed": args.seed, **settings,
             "versions": {p: version(p) for p in ("torch", "transformers", "pycocoevalcap", "rouge_score")},
             "command": "python -m evaluation " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -304,6 +304,23 @@ def test_evaluation_on_coco_and_hf_data(tiny_model_dir, tmp_path):
     assert report["settings"]["parts"] == ["captions", "novelty"] and report["settings"]["num_examples"] == 6
     assert report["metrics"]["novelty.num_training_texts"] == 12 and 0 <= report["metrics"]["captions.cider_d"]
     assert report["samples"][0]["reference"] == "picture 0 caption 0 ."
+    assert report["settings"]["decoding"] == {"do_sample": False, "num_beams": 1, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
+
+    beam = tmp_path / "coco_beam"  # decoding flags over the model's generation_config, recorded in the report
+    assert evaluate_main(["--model", str(tiny_model_dir), "--dataset", "coco", "--caption_file", str(captions), "--image_dir",
+                          str(images), "--parts", "captions", "--max_new_tokens", "12", "--num_beams", "3",
+                          "--no_repeat_ngram_size", "1", "--output", str(beam)]) == 0
+    report = json.loads((beam / "report.json").read_text())
+    assert report["settings"]["decoding"] == {"do_sample": False, "num_beams": 3, "no_repeat_ngram_size": 1, "repetition_penalty": 1.0}
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from evaluation.captioning import generate_captions
+    from processing.data import load_coco_captions
+
+    model, processor = AutoModelForImageTextToText.from_pretrained(tiny_model_dir), AutoProcessor.from_pretrained(tiny_model_dir)
+    pictures = load_coco_captions(str(captions), str(images), "first")["image"]
+    expected = generate_captions(model, processor, pictures, max_new_tokens=12, num_beams=3, no_repeat_ngram_size=1)
+    assert [s["model"] for s in report["samples"]] == expected  # the flags reached generate()
 
     folder = write_imagefolder(tmp_path / "hf", 5, "text")
     with pytest.raises(ValueError, match="--split"):
