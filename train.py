@@ -43,7 +43,7 @@ from processing.collator import NanoVLMCollator
 from processing.tokenizer import train_tokenizer
 from processing.word_targets import word_targets, word_vocabulary
 
-logger = logging.getLogger("train")
+logger = logging.getLogger(__name__)
 
 # What `python train.py` does without arguments; any flag given on the command line wins.
 DEFAULTS = {

@@ -36,10 +36,10 @@ from modeling_nanovlm import NanoVLMConfig
 from processing import scenes
 from processing.collator import NanoVLMCollator
 
-logger = logging.getLogger("benchmarks")
+logger = logging.getLogger(__name__)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLICKR8K_IMAGES = os.path.join(ROOT, "..", "shared", "data", "flickr8k", "images")
-# The goals; each is a ratio of two figures of one run.
+# The performance goals; each is a ratio of two figures of one run.
 TARGETS = {
     "train_speedup_vs_peer": 1.5, "train_speedup_vs_peer_equal_precision": 1.1, "generate_speedup_vs_peer": 2.0,
     "cache_speedup": 3.0, "mfu_fp32": 0.85, "mfu_bf16": 0.65, "time_to_quality_speedup": 2.0, "data_to_train_ratio": 5.0,
@@ -259,7 +259,8 @@ def _run(settings, device, threads, bf16, image_dir, work) -> dict:
     if settings.bf16_mfu or (settings.bf16_mfu is None and native_bf16):
         (bf16_run,) = train_runs(settings.mfu_preset, [("nanovlm", True)], steps=settings.bf16_steps, warmup=1, seconds=0.0, repeats=1)
     report["mfu"] = {"preset": settings.mfu_preset, "batch_size": settings.batch_size, "flops_per_step": fp32["flops_per_step"],
-                     "fp32_train": fp32, "bf16_train": bf16_run or ("not run: this CPU has no bf16 instructions (--set bf16_mfu=true runs it)" if not native_bf16
+                     "fp32_train": fp32,
+                     "bf16_train": bf16_run or ("not run: this CPU has no bf16 instructions (--set bf16_mfu=true runs it)" if not native_bf16
                                                  else "not run: --set bf16_mfu=false")}
     for name, result in (("fp32", fp32), ("bf16", bf16_run)):
         # The MFU: the median over repeats of FLOP/s over the peak measured right after, in the same
@@ -302,7 +303,8 @@ def _run(settings, device, threads, bf16, image_dir, work) -> dict:
         report["processor"]["image_dir"] = os.path.abspath(image_dir)
         train_speed = train_runs(preset, [("nanovlm", bf16)])[0]["samples_per_s"]
         report["data_to_train_ratio"] = report["processor"]["images_per_s"] / train_speed
-        logger.info("processor: %.0f images/s, %.1fx NanoVLM's training samples/s", report["processor"]["images_per_s"], report["data_to_train_ratio"])
+        logger.info("processor: %.0f images/s, %.1fx NanoVLM's training samples/s", report["processor"]["images_per_s"],
+                    report["data_to_train_ratio"])
     else:
         report["processor"] = {"skipped": f"no JPEG images in {os.path.abspath(image_dir)} (the Flickr8k images)"}
         report["data_to_train_ratio"] = None

@@ -135,7 +135,8 @@ def processor(rounds: int = 3, images: int = 256):
             processing_nanovlm.to_rgb = to_rgb
             for i in range(0, len(paths), 32):
                 proc(images=paths[i : i + 32])
-        best = best_of({"reduced": lambda: run(reduced), "full": lambda: run(lambda image, name="image", min_size=None: reduced(image, name))}, rounds)
+        full = lambda image, name="image", min_size=None: reduced(image, name)  # noqa: E731
+        best = best_of({"reduced": lambda: run(reduced), "full": lambda: run(full)}, rounds)
         processing_nanovlm.to_rgb = reduced
         print(f"{size} px: reduced-scale decode {len(paths) / best['reduced']:.0f} images/s, full decode "
               f"{len(paths) / best['full']:.0f} images/s, {best['full'] / best['reduced']:.2f}x")
@@ -225,7 +226,8 @@ def compile_(rounds: int = 4, new_tokens: int = 30):
             base = best["dynamic cache (as shipped)"]
             for name in variants:
                 same = torch.equal(outputs[name], outputs["dynamic cache (as shipped)"])
-                print(f"batch {batch_size}, {new_tokens} tokens, {name}: {best[name] * 1e3:.1f} ms, {base / best[name]:.2f}x, identical tokens: {same}")
+                print(f"batch {batch_size}, {new_tokens} tokens, {name}: {best[name] * 1e3:.1f} ms, {base / best[name]:.2f}x, "
+                      f"identical tokens: {same}")
 
 
 def malloc(rounds: int = 4, steps: int = 3, presets=("mini-112", "base")):

@@ -14,8 +14,6 @@ PY=${PYTHON:-python3}
 WHEELS=(transformers==5.24.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)
 
 if [ "${1:-}" = prepare ]; then
-    grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
-    grep -qx '/.bench_images/' .git/info/exclude || echo '/.bench_images/' >> .git/info/exclude
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
     images=(../shared/data/flickr8k/images/*.jpg)

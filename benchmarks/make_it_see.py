@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 
-logger = logging.getLogger("make_it_see")
+logger = logging.getLogger(__name__)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

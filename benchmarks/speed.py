@@ -6,9 +6,7 @@ that server, `peak_rss_mb` its own high-water mark (inherited pages included).
 """
 
 import multiprocessing
-import os
 import resource
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -18,11 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_f
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer_callback import PrinterCallback
 
+import train  # the repository's train.py (run from the repository root): its defaults are "NanoVLM as a user runs it"
 from benchmarks.peer import build_peer, peer_inputs
 from modeling_nanovlm import NanoVLMProcessor
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402  (the repository's train.py: its defaults are "NanoVLM as a user runs it")
 
 # PyTorch's FLOP counter knows the GPU attention kernels but not the CPU one SDPA picks here
 # (same arguments, so the same formulas; `__wrapped__`: the counter wraps custom formulas itself).

@@ -38,7 +38,7 @@ from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor
 from processing import data, scenes
 from processing.llm_client import safe_url
 
-logger = logging.getLogger("evaluation")
+logger = logging.getLogger(__name__)
 
 PARTS = ("grounding", "captions", "novelty", "judge")
 DATA_SETTINGS = {"scenes": ("scenes_style", "scenes_seed", "train_examples"),

@@ -263,7 +263,8 @@ def make_report(args, prompts: Prompts, client: LLMClient | None, items: list[It
         "mean_reading_grade": {s: round(sum(g) / len(g), 2) if (g := [r["grade"] for r in done if r["style"] == s]) else None for s in args.styles},
         "tokens": {
             "this_run": client.usage.to_dict() if client else None,
-            "all_cached_items": {"prompt_tokens": sum(r["prompt_tokens"] for r in records), "completion_tokens": sum(r["completion_tokens"] for r in records)},
+            "all_cached_items": {"prompt_tokens": sum(r["prompt_tokens"] for r in records),
+                                 "completion_tokens": sum(r["completion_tokens"] for r in records)},
         },
         "seconds": round(seconds, 2), "items_per_second": round(len(mine) / seconds, 3) if mine and seconds > 0 else None,
     }

@@ -387,7 +387,8 @@ class JsonlCache:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._file.close()
-            raise RuntimeError(f"{path} is in use by another process (another build writing the same cache?); wait for it or use another --output") from None
+            raise RuntimeError(f"{path} is in use by another process (another build writing the same cache?); "
+                               "wait for it or use another --output") from None
         if new:  # make the new file's directory entry durable too
             fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
             try:

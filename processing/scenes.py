@@ -42,6 +42,8 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
+from processing.prompts import WORD_RANGES  # the paper's ShortDesc / LongDesc lengths
+
 KINDS = ("ball", "box", "star", "tree", "house", "flower", "fish", "car", "heart")
 PLURALS = {"ball": "balls", "box": "boxes", "star": "stars", "tree": "trees", "house": "houses",
            "flower": "flowers", "fish": "fish", "car": "cars", "heart": "hearts"}
@@ -59,7 +61,6 @@ BACKGROUNDS = {  # fill colors behind the top and bottom rows; the beach ground 
 VERTICAL = ("top", "bottom")
 HORIZONTAL = ("left", "middle", "right")
 PLACES = tuple(f"{v} {h}" for v in VERTICAL for h in HORIZONTAL)
-WORD_RANGES = {"short": (20, 25), "long": (60, 70)}
 TRAIN_SEED, VALIDATION_SEED = 0, 1
 MIN_COLOR_DISTANCE = 110.0  # RGB distance below which an object would blend into its backdrop
 _SKY_TOP = 0.12  # the band above this share of the height stays empty (it holds the moon)

@@ -11,7 +11,8 @@ past the client's timeout), "malformed" (HTTP 200 with a body that is not JSON),
 "short" / "long" (well-formed answers outside the word range), "list" (a bulleted answer),
 "401" (echoes the bearer token in the error body, as some servers do), "raw:TEXT" (TEXT as the
 answer). `refuse_formats` ({"json_schema": 500}) answers requests whose response_format has such a
-type with that status, as llama.cpp's server does, before any action is played. Every request is logged with its item, style, action, arrival time, Authorization header,
+type with that status, as llama.cpp's server does, before any action is played. Every request is logged with its item, style, action,
+arrival time, Authorization header,
 body and (for answers) the usage it reported.
 """
 
@@ -147,7 +148,8 @@ class FakeOpenAIServer:
                 self._send(200, {
                     "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
                     "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(answer.split()), "total_tokens": prompt_tokens + len(answer.split())},
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(answer.split()),
+                              "total_tokens": prompt_tokens + len(answer.split())},
                 })
 
             def _send(self, status, payload, headers=None):

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CAPTIONS, toy_image
+from conftest import toy_image
 from fake_openai_server import FakeOpenAIServer, child_text
 from PIL import Image
 
 import train
 from evaluation import cli as evaluation_cli
-from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor
-from processing import build_descriptions, data
+from modeling_nanovlm import NanoVLMForConditionalGeneration
+from processing import build_descriptions
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -102,27 +102,32 @@ TRAIN_CASES = [
     ("coco without files", lambda tmp: ["--dataset", "coco"], ValueError, "needs --caption_file"),
     ("caption file missing", lambda tmp: coco_args(str(tmp / "nope.json"), str(tmp)), FileNotFoundError, "caption file .*nope.json does not exist"),
     ("CSV as caption file", _csv_as_captions, ValueError, r"captions.csv is not JSON .*MS-COCO"),
-    ("annotation without image_id", _coco_edited(lambda coco: coco["annotations"][1].pop("image_id")), ValueError, "annotation 1 .*needs 'image_id' and 'caption'"),
+    ("annotation without image_id", _coco_edited(lambda coco: coco["annotations"][1].pop("image_id")), ValueError,
+     "annotation 1 .*needs 'image_id' and 'caption'"),
     ("image without file_name", _coco_edited(lambda coco: coco["images"][0].pop("file_name")), ValueError, "image 0 .*needs 'id' and a 'file_name'"),
     ("absolute path outside image_dir", lambda tmp: coco_args(*write_coco(tmp, file_names=["/etc/passwd", "1.png", "2.png"])),
      ValueError, "image 0: file_name '/etc/passwd' resolves outside the image folder"),
     ("../ path outside image_dir", lambda tmp: coco_args(*write_coco(tmp, file_names=["../captions.json", "1.png", "2.png"])),
      ValueError, "resolves outside the image folder"),
     ("every caption empty", lambda tmp: coco_args(*write_coco(tmp, captions=[[""], [None], ["  "]])), ValueError, "no image with a caption"),
-    ("all images missing, skipping asked", lambda tmp: coco_args(*write_coco(tmp, file_names=["x.png", "y.png", "z.png"]), "--skip_bad_images", "true"),
+    ("all images missing, skipping asked",
+     lambda tmp: coco_args(*write_coco(tmp, file_names=["x.png", "y.png", "z.png"]), "--skip_bad_images", "true"),
      ValueError, "no train example is left"),
     ("image missing, no skipping", lambda tmp: coco_args(*write_coco(tmp, file_names=["x.png", "1.png", "2.png"])),
      ValueError, "could not be read: .*x.png .*--skip_bad_images"),
     ("hf: wrong text column", lambda tmp: _hf_folder(tmp, ["a dog"] * 4) + ["--text_column", "caption"], ValueError, "has no column 'caption'"),
     ("hf: every text null", lambda tmp: _hf_folder(tmp, [None] * 4), ValueError, "no train example is left"),
     ("max_length 0", lambda tmp: ["--max_length", "0"], ValueError, "--max_length must be at least 2"),
-    ("max_length past the position table", lambda tmp: ["--max_length", "1000"], ValueError, r"--max_length 1000 \+ 4 visual tokens exceed .*--max_length 124"),
+    ("max_length past the position table", lambda tmp: ["--max_length", "1000"], ValueError,
+     r"--max_length 1000 \+ 4 visual tokens exceed .*--max_length 124"),
     ("config override without =", lambda tmp: ["--config_overrides", "hidden_size"], ValueError, "'hidden_size' is not FIELD=VALUE"),
-    ("config override of a wrong type", lambda tmp: ["--config_overrides", "hidden_dropout=high"], ValueError, "hidden_dropout='high' is not a float"),
+    ("config override of a wrong type", lambda tmp: ["--config_overrides", "hidden_dropout=high"], ValueError,
+     "hidden_dropout='high' is not a float"),
     ("config override of an unknown field", lambda tmp: ["--config_overrides", "depth=3"], ValueError, "unknown config field 'depth'"),
     ("config override out of range", lambda tmp: ["--config_overrides", "hidden_dropout=1.5"], ValueError, r"hidden_dropout must be in \[0, 1\)"),
     ("recipe missing", lambda tmp: ["--recipe", str(tmp / "none.json")], ValueError, "none.json: no such file"),
-    ("recipe not JSON", lambda tmp: (tmp / "r.json").write_text("preset: mini") and ["--recipe", str(tmp / "r.json")], ValueError, "is not valid JSON"),
+    ("recipe not JSON", lambda tmp: (tmp / "r.json").write_text("preset: mini") and ["--recipe", str(tmp / "r.json")], ValueError,
+     "is not valid JSON"),
     ("recipe a list", lambda tmp: (tmp / "r.json").write_text("[1]") and ["--recipe", str(tmp / "r.json")], ValueError, "must hold a JSON object"),
     ("eval_metrics unknown", lambda tmp: ["--eval_metrics", "bleu"], ValueError, "--eval_metrics must be grounding or cider"),
     ("grounding on photos", lambda tmp: coco_args(*write_coco(tmp), "--eval_metrics", "grounding"), ValueError, "needs --dataset scenes"),

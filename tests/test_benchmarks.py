@@ -132,7 +132,8 @@ def test_allocation_splits_one_budget_and_sweeps_resumably(tmp_path, capsys):
     assert (tmp_path / "alloc.png").stat().st_size > 0 and f"| {report['summary'][0]['share']:.1%} |" in (tmp_path / "alloc.md").read_text()
     recipe = json.loads((tmp_path / "runs" / "recipes" / "mini-scenes-share85-seed1.json").read_text())
     split = report["summary"][0]
-    assert recipe["seed"] == 1 and recipe["config_overrides"] == f"vision_hidden_size={split['vision_hidden_size']},hidden_size={split['hidden_size']}"
+    widths = f"vision_hidden_size={split['vision_hidden_size']},hidden_size={split['hidden_size']}"
+    assert recipe["seed"] == 1 and recipe["config_overrides"] == widths
     assert report["vocab_size"] < 511  # the tokenizer of 32 training texts, shared by both runs
 
     capsys.readouterr()

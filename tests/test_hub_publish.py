@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 from conftest import toy_image
-from huggingface_hub import constants
 from hub_server import LocalHub, free_port
+from huggingface_hub import constants
 from safetensors.torch import load_file
 from test_hub_code import BLOCK_PROJECT
 from test_train import QUIET, ROOT, TINY_MODEL

@@ -18,3 +18,11 @@ def test_installed_distribution_claims_no_generic_top_level_module(tmp_path):
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout)
     assert found == {"modeling_nanovlm": True, "processing": False, "evaluation": False, "benchmarks": False, "train": False}
+
+
+def test_code_passes_ruff_with_the_projects_config():
+    """pyproject.toml's [tool.ruff] (line length 150, pycodestyle and pyflakes) holds for every file."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(root)], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]

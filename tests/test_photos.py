@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
 from conftest import CAPTIONS, toy_image
 from PIL import Image
+from safetensors import safe_open
 
 import train
 from evaluation.image_use import image_gap, unique_caption_share
