@@ -33,11 +33,13 @@ from torch.distributed.tensor import DTensor
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, ViTImageProcessorPil
 
 from evaluation.captioning import generate_captions
+from evaluation.grounding import grounding_scores
 from evaluation.image_use import image_gap, unique_caption_share
-from evaluation.model_card import write_model_card
+from publishing.model_card import write_model_card
 from evaluation.plots import plot_caption_grid, plot_loss_curve
 from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMProcessor
-from processing import data, push_to_hub, scenes
+from processing import data, scenes
+from publishing import push_to_hub
 from processing.augment import CaptionAugment
 from processing.collator import NanoVLMCollator
 from processing.tokenizer import train_tokenizer
@@ -505,7 +507,7 @@ def trainer_setup(model, data_args: DataArguments, collator: NanoVLMCollator, tr
 def eval_metric_scores(name: str, captions: list[str], examples: list[dict]) -> dict:
     """`--eval_metrics` on captions of validation rows: grounding (scenes) or cider (CIDEr-D)."""
     if name == "grounding":
-        scores = scenes.grounding_scores(captions, [ex["scene"] for ex in examples])
+        scores = grounding_scores(captions, [ex["scene"] for ex in examples])
         keys = ("object_recall", "object_precision", "chair_i", "attribute_accuracy")
         return {f"grounding_{k}": scores[k] for k in keys}
     from evaluation.caption_metrics import caption_scores  # pycocoevalcap: only loaded when asked for
@@ -550,7 +552,7 @@ def final_report(trainer, processor, validation, data_args, max_new_tokens, bad,
     images = rows["image"]
     captions = generate_captions(trainer.model, processor, images, max_new_tokens=max_new_tokens, progress=True)
     if data_args.dataset == "scenes":
-        scores = scenes.grounding_scores(captions, [scenes.scene_from_row(r) for r in rows])
+        scores = grounding_scores(captions, [scenes.scene_from_row(r) for r in rows])
         metrics.update({f"grounding.{k}": v for k, v in scores.items()})
     if n >= 2:
         metrics.update({f"image_use.{k}": v for k, v in image_gap(trainer.model, processor, images, rows["text"]).items()})

@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback, VisionEncoderDecoderModel
 from benchmarks.peer import peer_inputs
 from benchmarks.speed import build_model, fit, synchronize, train, training_arguments
 from evaluation.captioning import generate_captions
+from evaluation.grounding import grounding_scores
 from modeling_nanovlm import NanoVLMProcessor
 from processing import data, scenes
 from processing.collator import NanoVLMCollator
@@ -88,7 +89,7 @@ def time_to_quality(device, side, preset, processor_dir, batch_size, num_train, 
 
     @torch.no_grad()
     def grade(model) -> dict:
-        grounding = scenes.grounding_scores(captions(model, processor, images, max_new_tokens=48), truth)
+        grounding = grounding_scores(captions(model, processor, images, max_new_tokens=48), truth)
         rows = [validation[i] for i in range(len(validation))]
         losses = [model(**{k: v.to(device) for k, v in side_collator(rows[i : i + 32]).items()}).loss.item()
                   for i in range(0, len(rows), 32)]

@@ -30,6 +30,7 @@ from transformers import HfArgumentParser
 
 from evaluation.caption_metrics import TOKENIZERS, caption_scores
 from evaluation.captioning import generate_captions
+from evaluation.grounding import grounding_scores
 from evaluation.image_use import image_gap, unique_caption_share
 from evaluation.judge import CRITERIA, FORMATS, PREFIX_WORDS, PROMPT_VERSION, JudgeSettings, judge, split_prompt
 from evaluation.novelty import novelty_scores
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
     settings = {}
     if "grounding" in parts:
         t = time.perf_counter()
-        metrics |= {f"grounding.{k}": v for k, v in scenes.grounding_scores(captions, d.scenes).items()}
+        metrics |= {f"grounding.{k}": v for k, v in grounding_scores(captions, d.scenes).items()}
         seconds["grounding"] = time.perf_counter() - t
     if "captions" in parts:
         t = time.perf_counter()

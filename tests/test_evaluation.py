@@ -23,6 +23,7 @@ import train
 from evaluation import caption_metrics
 from evaluation.caption_metrics import caption_scores, tokenize
 from evaluation.cli import main as evaluate_main
+from evaluation.grounding import grounding_scores
 from evaluation.judge import CRITERIA, PREFIX_WORDS, SCHEMA, JudgeSettings, judge, mean_ci95, split_prompt
 from evaluation.novelty import RougeNovelty, distinct_n, novelty_scores
 from evaluation.report import format_value, parse_markdown_metrics
@@ -288,7 +289,7 @@ def test_python_m_evaluation_writes_reports_that_agree(tiny_model_dir, tmp_path,
     truth = scenes.scenes_dataset(6, scenes.VALIDATION_SEED, "short", 32)
     texts = [s["model"] for s in report["samples"]]
     assert [s["reference"] for s in report["samples"]] == list(truth["text"])
-    regrounded = scenes.grounding_scores(texts, truth["scene"])
+    regrounded = grounding_scores(texts, truth["scene"])
     assert {f"grounding.{k}": v for k, v in regrounded.items()} == {k: v for k, v in metrics.items() if k.startswith("grounding.")}
     assert caption_scores(texts, [[t] for t in truth["text"]], "simple")["cider_d"] == pytest.approx(metrics["captions.cider_d"])
     assert len(report["judge_samples"]) == 4 and all(s["model_scores"] == GOOD for s in report["judge_samples"])

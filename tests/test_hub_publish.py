@@ -3,7 +3,7 @@ serving git repositories, behind a front that takes uploads).
 
 A tiny training pushes with `train.py --push_to_hub`; a fresh process that cannot import the project
 loads it by name through HF_ENDPOINT with the four public calls and gets the same weights and
-captions; `python -m processing.push_to_hub` pushes again with an evaluation report and updates the
+captions; `python -m publishing.push_to_hub` pushes again with an evaluation report and updates the
 repo. A bad name, a token without rights, a refused token, an unreachable or offline Hub each give
 one clear line. The token is read from --hub_token, HF_TOKEN and the `hf auth login` file, and
 appears in no log and no pushed file.
@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from test_hub_code import BLOCK_PROJECT
 from test_train import QUIET, ROOT, TINY_MODEL
 
-from processing import push_to_hub
+from publishing import push_to_hub
 
 TOKEN = "hf_NanoVLMtestToken0123456789abcdefXYZ"
 REPO = "org/nanovlm-tiny"
@@ -153,7 +153,7 @@ def test_second_push_with_a_report_updates_the_repo(hub, pushed, tmp_path):
     home.mkdir()
     (home / "token").write_text(TOKEN)  # where `hf auth login` keeps it; HF_TOKEN is unset
     before = len(hub.log)
-    result = run([sys.executable, "-m", "processing.push_to_hub", str(out), "--repo_id", REPO], hub_env(hub, home))
+    result = run([sys.executable, "-m", "publishing.push_to_hub", str(out), "--repo_id", REPO], hub_env(hub, home))
     assert result.returncode == 0, result.stderr[-4000:]
     second = hub.git(REPO, "rev-parse", "main")
     assert hub.git(REPO, "rev-parse", "main~1") == pushed["commit"]

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from evaluation.grounding import MANY, ground_description, grounding_scores, parse_mentions
 from processing.scenes import (
-    BACKGROUNDS, COLORS, KINDS, MANY, MIN_COLOR_DISTANCE, PLACES, PLURALS, TRAIN_SEED, VALIDATION_SEED, WORD_RANGES,
-    describe_scene, example_seed, ground_description, grounding_scores, make_example, render_scene,
-    parse_mentions, sample_scene, scene_from_row, scene_texts, scenes_dataset, token_labels,
+    BACKGROUNDS, COLORS, KINDS, MIN_COLOR_DISTANCE, PLACES, PLURALS, TRAIN_SEED, VALIDATION_SEED, WORD_RANGES,
+    describe_scene, example_seed, make_example, render_scene, sample_scene, scene_from_row, scene_texts, scenes_dataset,
+    token_labels,
 )
 
 N = 500

@@ -6,11 +6,11 @@
     # {"object_recall": ..., "object_precision": ..., "chair_i": ..., "chair_s": ..., "attribute_accuracy": ...}
 
 A reference is the scene as JSON (the `scene` column of `processing.scenes.scenes_dataset`).
-Needs the nanovlm package installed (`pip install -e .`); the parser is `processing.scenes.ground_description`.
+Needs the nanovlm package installed (`pip install -e .`); the parser is `evaluation.grounding.ground_description`.
 """
 
 import evaluation.metrics as metrics
-from processing.scenes import grounding_scores
+from evaluation.grounding import grounding_scores
 
 
 class Grounding(metrics.NanoVLMMetric):

@@ -1,13 +1,13 @@
 """Share a trained NanoVLM on the Hugging Face Hub, with a model card written from its measurements.
 
-    python -m processing.push_to_hub outputs/nanovlm-mini-scenes --repo_id ORG/NAME
-    python -m processing.push_to_hub outputs/nanovlm-mini-scenes --repo_id ORG/NAME --dry_run   # card + files, no push
+    python -m publishing.push_to_hub outputs/nanovlm-mini-scenes --repo_id ORG/NAME
+    python -m publishing.push_to_hub outputs/nanovlm-mini-scenes --repo_id ORG/NAME --dry_run   # card + files, no push
     python train.py --push_to_hub --hub_model_id ORG/NAME ...       # the same push at the end of training
 
 Pushed, as one commit: the weights (safetensors), config and generation config, the processor
 (tokenizer, image processor, chat template), the three Hub code files, arguments.json /
 metrics.json / report.json, samples.png / loss_curve.png, and README.md: the model card
-(`evaluation/model_card.py`; written to the folder's README.md, as train.py does). Checkpoints, samples.jsonl and training_args.bin (a pickle that
+(`publishing/model_card.py`; written to the folder's README.md, as train.py does). Checkpoints, samples.jsonl and training_args.bin (a pickle that
 holds `--hub_token` in clear) stay home. Pushing again updates the repo; unchanged files are not
 uploaded again.
 
@@ -28,7 +28,7 @@ from huggingface_hub import CommitInfo, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError
 from transformers import TrainingArguments
 
-from evaluation.model_card import model_card, write_model_card
+from publishing.model_card import model_card, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def push_after_training(args: TrainingArguments, repo_id: str) -> None:
         push_output(args.output_dir, repo_id, token=args.hub_token, revision=args.hub_revision)
     except PushError as err:
         raise SystemExit(f"{err}\nThe trained model is saved in {args.output_dir}; push it with "
-                         f"`python -m processing.push_to_hub {args.output_dir} --repo_id {repo_id}`") from None
+                         f"`python -m publishing.push_to_hub {args.output_dir} --repo_id {repo_id}`") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
