@@ -10,7 +10,6 @@
 A and B take turns and each keeps its fastest time, so a noisy machine slows both alike.
 """
 
-import argparse
 import glob
 import os
 import tempfile
@@ -20,6 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import HfArgumentParser
+
+import train
+from benchmarks import speed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,14 +41,12 @@ def best_of(fns: dict, rounds: int) -> dict:
 def scene_batch(preset: str | None = None, size: int = 32):
     """(train.py's collated batch of the first `size` training scenes, its processor) for `preset`
     (default: train.py's), with a tokenizer trained on 2,000 scene texts."""
-    import train
-    from benchmarks.__main__ import fixed_batch
     from processing import scenes
 
     model_args = train.parse_args([] if preset is None else ["--preset", preset])[0]
     with tempfile.TemporaryDirectory() as work:
         processor = train.build_processor(model_args, scenes.scene_texts(2000), train.image_size_of(model_args), work)
-    return fixed_batch(processor, size), processor
+    return speed.fixed_batch(processor, size), processor
 
 
 def training_step(model, optimizer, batch):
@@ -85,8 +86,6 @@ def _key_mask_shortcut(attention_mask, past, T, num_prefix, _original=None):
 
 @torch.no_grad()
 def generate(rounds: int = 6, new_tokens: int = 30):
-    import train
-    from benchmarks import speed
     from modeling_nanovlm import modeling_nanovlm as modeling
 
     batch, processor = scene_batch()
@@ -103,12 +102,12 @@ def generate(rounds: int = 6, new_tokens: int = 30):
         "key-mask shortcut": (plain_forward, lambda *a: _key_mask_shortcut(*a, _original=plain_mask)),
     }
     for batch_size in (1, 32):
-        inputs = speed._generate_inputs("nanovlm", batch["pixel_values"][:batch_size], bos)
+        inputs = speed.generate_inputs("nanovlm", batch["pixel_values"][:batch_size], bos)
         outputs = {}
 
         def run(name, inputs=inputs, outputs=outputs):
             modeling.NanoVLMAttention.forward, modeling.NanoVLMModel._key_mask = variants[name][0], staticmethod(variants[name][1])
-            outputs[name] = speed._timed_generate(model, inputs, new_tokens, 1, "cpu")[1]
+            outputs[name] = speed.timed_generate(model, inputs, new_tokens, 1, "cpu")[1]
         best = best_of({name: (lambda name=name: run(name)) for name in variants}, rounds)
         modeling.NanoVLMAttention.forward, modeling.NanoVLMModel._key_mask = plain_forward, staticmethod(plain_mask)
         base = best["as shipped"]
@@ -145,8 +144,6 @@ def processor(rounds: int = 3, images: int = 256):
 def profile(rows: int = 15):
     """PyTorch's profiler on NanoVLM: a training step of base (224 px, batch 32, AdamW) and a 30-token
     caption of train.py's default preset at batch 1, each after warm-up and a timed run."""
-    import train
-    from benchmarks import speed
 
     batch, processor = scene_batch("base", 32)
     model = speed.build_model("nanovlm", "base", len(processor.tokenizer)).train()
@@ -174,21 +171,19 @@ def profile(rows: int = 15):
     preset = train.parse_args([])[0].preset
     batch, processor = scene_batch(preset, 1)
     model = speed.build_model("nanovlm", preset, len(processor.tokenizer)).eval()
-    inputs = speed._generate_inputs("nanovlm", batch["pixel_values"], processor.tokenizer.bos_token_id)
+    inputs = speed.generate_inputs("nanovlm", batch["pixel_values"], processor.tokenizer.bos_token_id)
     with torch.no_grad():
-        speed._timed_generate(model, inputs, 4, 1, "cpu")
-        seconds, _ = speed._timed_generate(model, inputs, 30, 5, "cpu")
+        speed.timed_generate(model, inputs, 4, 1, "cpu")
+        seconds, _ = speed.timed_generate(model, inputs, 30, 5, "cpu")
         print(f"{preset} generation, batch 1: {seconds / 30 * 1e3:.2f} ms a token")
         with torch.profiler.profile() as prof:
-            speed._timed_generate(model, inputs, 30, 1, "cpu")
+            speed.timed_generate(model, inputs, 30, 1, "cpu")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def compile_(rounds: int = 4, new_tokens: int = 30):
     """torch.compile on train.py's default preset: a training step (batch 32, AdamW), and generation
     with a static KV cache (the layout a compiled decoder wants) at batch 1 and 32, identical tokens."""
-    import train
-    from benchmarks import speed
 
     batch, processor = scene_batch()
     bos = processor.tokenizer.bos_token_id
@@ -212,12 +207,12 @@ def compile_(rounds: int = 4, new_tokens: int = 30):
                 "static cache, compiled": (compiled_forward, {"cache_implementation": "static"})}
     with torch.no_grad():
         for batch_size in (1, 32):
-            inputs = speed._generate_inputs("nanovlm", batch["pixel_values"][:batch_size], bos)
+            inputs = speed.generate_inputs("nanovlm", batch["pixel_values"][:batch_size], bos)
             outputs = {}
 
             def run(name, inputs=inputs, outputs=outputs):
                 model.forward, kwargs = variants[name]
-                outputs[name] = speed._timed_generate(model, inputs, new_tokens, 1, "cpu", **kwargs)[1]
+                outputs[name] = speed.timed_generate(model, inputs, new_tokens, 1, "cpu", **kwargs)[1]
             start = time.perf_counter()
             run("static cache, compiled")
             print(f"batch {batch_size}: compiling (and a first call) took {time.perf_counter() - start:.0f} s")
@@ -237,7 +232,6 @@ def malloc(rounds: int = 4, steps: int = 3, presets=("mini-112", "base")):
     import ctypes
     import resource
 
-    from benchmarks import speed
     from benchmarks.peer import peer_inputs
 
     libc = ctypes.CDLL("libc.so.6")
@@ -277,11 +271,11 @@ def malloc(rounds: int = 4, steps: int = 3, presets=("mini-112", "base")):
                   f"blocks kept {kept:.1f} ({faults[side, True]:,}), {kept / default:.2f}x")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    parser = HfArgumentParser((), description=__doc__.splitlines()[0])
     which = {"sdpa": sdpa, "generate": generate, "processor": processor, "profile": profile, "compile": compile_, "malloc": malloc}
-    parser.add_argument("which", choices=which)
-    which[parser.parse_args().which]()
+    parser.add_argument("which", choices=which, help="the ablation to run")
+    which[parser.parse_args(argv).which]()
 
 
 if __name__ == "__main__":

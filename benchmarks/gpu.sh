@@ -61,5 +61,6 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 images=${IMAGE_DIR:-.bench_images}
 [ -d "$images" ] || images=../shared/data/flickr8k/images
 PYTHONUNBUFFERED=1 $PY -m benchmarks --device cuda --output "$OUT/bench_gpu.json" --image_dir "$images" \
-    --set train_steps=20 train_seconds=2 train_repeats=2 warmup_steps=5 generate_reps='{"1": 3, "32": 3}' matmul_sizes='[4096, 8192]' matmul_seconds=1 \
-    bf16_steps=20 ttq_seconds=60 ttq_eval_seconds=15 ttq_train_examples=20000 ttq_validation_examples=64 2>&1 | tee "$OUT/bench_gpu.log"
+    --train_steps 20 --train_seconds 2 --train_repeats 2 --warmup_steps 5 --generate_calls 3 3 --matmul_sizes 4096 8192 \
+    --matmul_seconds 1 --bf16_steps 20 --ttq_seconds 60 --ttq_eval_seconds 15 --ttq_train_examples 20000 \
+    --ttq_validation_examples 64 2>&1 | tee "$OUT/bench_gpu.log"

@@ -12,13 +12,15 @@ checkpoint. A recipe on COCO-layout data is then evaluated with `python -m evalu
 image of its validation file (caption metrics, the shuffled-image loss gap, distinct captions).
 """
 
-import argparse
 import glob
 import json
 import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
 
 logger = logging.getLogger(__name__)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,14 +94,20 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@dataclass
+class SweepArguments:
+    output: str = field(default="see.json", metadata={"help": "JSON results (the markdown table goes next to it)"})
+    output_root: str = field(default="outputs/see", metadata={"help": "where each run's folder goes"})
+
+
+def main(argv=None):
+    parser = HfArgumentParser(SweepArguments, description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="+", help="recipe JSON files")
-    parser.add_argument("--output", default="see.json", help="JSON results (the markdown table goes next to it)")
-    parser.add_argument("--output_root", default="outputs/see", help="where each run's folder goes")
-    argv = sys.argv[1:]
+    argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
-    args, extra = parser.parse_args(argv[:split]), argv[split + 1 :]  # after "--": flags for every run
+    args, rest = parser.parse_args_into_dataclasses(args=argv[:split])
+    extra = argv[split + 1 :]  # after "--": train.py flags for every run
+    args.recipes = rest.recipes
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     rows = []
     for path in args.recipes:

@@ -4,10 +4,11 @@ Prints the markdown table of docs/architecture.md (vision / projector / decoder 
 once) next to the paper's totals. Models are built on the meta device: nothing is allocated.
 """
 
-import argparse
 import json
+from dataclasses import dataclass, field
 
 import torch
+from transformers import HfArgumentParser
 
 from modeling_nanovlm import PRESETS, NanoVLMConfig, NanoVLMForConditionalGeneration
 
@@ -49,11 +50,14 @@ def markdown(sizes: dict) -> str:
     return "\n".join(rows)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab_size", type=int, default=NanoVLMConfig().vocab_size)
-    parser.add_argument("--json", help="also write the counts to this JSON file")
-    args = parser.parse_args()
+@dataclass
+class SizesArguments:
+    vocab_size: int = field(default=NanoVLMConfig().vocab_size, metadata={"help": "tokens in the vocabulary (embedding rows)"})
+    json: str | None = field(default=None, metadata={"help": "also write the counts to this JSON file"})
+
+
+def main(argv=None):
+    (args,) = HfArgumentParser(SizesArguments, description=__doc__.splitlines()[0]).parse_args_into_dataclasses(args=argv)
     sizes = preset_sizes(vocab_size=args.vocab_size)
     print(f"vocab_size={args.vocab_size}\n")
     print(markdown(sizes))

@@ -19,6 +19,8 @@ from transformers.trainer_callback import PrinterCallback
 import train  # the repository's train.py (run from the repository root): its defaults are "NanoVLM as a user runs it"
 from benchmarks.peer import build_peer, peer_inputs
 from modeling_nanovlm import NanoVLMProcessor
+from processing import scenes
+from processing.collator import NanoVLMCollator
 
 # PyTorch's FLOP counter knows the GPU attention kernels but not the CPU one SDPA picks here
 # (same arguments, so the same formulas; `__wrapped__`: the counter wraps custom formulas itself).
@@ -46,6 +48,14 @@ def _measure(fn, device, threads, kwargs) -> dict:
     if device == "cuda":
         result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return result
+
+
+def fixed_batch(processor, batch_size: int) -> dict:
+    """train.py's collator over the first `batch_size` training scenes: the batch every timing uses
+    (drawn at the processor's image size)."""
+    size = processor.image_processor.size["height"]
+    examples = [scenes.make_example(scenes.example_seed(scenes.TRAIN_SEED, i), image_size=size) for i in range(batch_size)]
+    return NanoVLMCollator(processor, max_length=128)(examples)
 
 
 def synchronize(device: str):
@@ -148,14 +158,14 @@ def train_speed(device, side, preset, batch, vocab_size, steps, warmup, bf16, mi
     return result
 
 
-def _generate_inputs(side, pixel_values, bos):
+def generate_inputs(side, pixel_values, bos):
     if side == "peer":
         return {"pixel_values": pixel_values}
     ids = torch.full((len(pixel_values), 1), bos, dtype=torch.long, device=pixel_values.device)
     return {"pixel_values": pixel_values, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _timed_generate(model, inputs, new_tokens, reps, device, **kwargs):
+def timed_generate(model, inputs, new_tokens, reps, device, **kwargs):
     """(seconds of the fastest of `reps` calls, output ids) of greedy generation of exactly `new_tokens`
     tokens (<eos> suppressed)."""
     kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
@@ -175,14 +185,14 @@ def generate_speed(device, preset, vocab_size, pixel_values, bos, lengths, reps,
     models = {side: build_model(side, preset, vocab_size).to(device, dtype).eval() for side in SIDES}
     result = {side: {"bf16": bf16} for side in SIDES}
     for batch_size, batch_reps in reps.items():
-        inputs = {side: _generate_inputs(side, pixel_values[:batch_size].to(device), bos) for side in SIDES}
+        inputs = {side: generate_inputs(side, pixel_values[:batch_size].to(device), bos) for side in SIDES}
         for side in SIDES:
-            _timed_generate(models[side], inputs[side], 4, 1, device)  # warm-up
+            timed_generate(models[side], inputs[side], 4, 1, device)  # warm-up
         for n in lengths:
             seconds = {side: [] for side in SIDES}
             for _ in range(batch_reps):
                 for side in SIDES:
-                    seconds[side].append(_timed_generate(models[side], inputs[side], n, 1, device)[0])
+                    seconds[side].append(timed_generate(models[side], inputs[side], n, 1, device)[0])
             for side in SIDES:
                 fastest = min(seconds[side])
                 result[side][f"batch_{batch_size}_tokens_{n}"] = {"captions_per_s": batch_size / fastest, "seconds_per_call": fastest}
@@ -194,10 +204,10 @@ def cache_speed(device, preset, vocab_size, pixel_values, bos, new_tokens, reps,
     """NanoVLM generation with its KV cache and without (`use_cache=False`), which must agree token for token."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = build_model("nanovlm", preset, vocab_size).to(device, dtype).eval()
-    inputs = _generate_inputs("nanovlm", pixel_values.to(device), bos)
-    _timed_generate(model, inputs, 4, 1, device)
-    cached, out_cached = _timed_generate(model, inputs, new_tokens, reps, device)
-    uncached, out_uncached = _timed_generate(model, inputs, new_tokens, reps, device, use_cache=False)
+    inputs = generate_inputs("nanovlm", pixel_values.to(device), bos)
+    timed_generate(model, inputs, 4, 1, device)
+    cached, out_cached = timed_generate(model, inputs, new_tokens, reps, device)
+    uncached, out_uncached = timed_generate(model, inputs, new_tokens, reps, device, use_cache=False)
     if not torch.equal(out_cached, out_uncached):
         raise AssertionError("cached and uncached generation gave different tokens")
     return {"batch_size": len(pixel_values), "new_tokens": new_tokens, "bf16": bf16, "tokens_identical": True,

@@ -3,8 +3,9 @@
     python -m benchmarks.table bench.json
 """
 
-import argparse
 import json
+
+from transformers import HfArgumentParser
 
 
 def _f(value, digits=2) -> str:
@@ -93,10 +94,10 @@ def markdown(report: dict) -> str:
     return "\n".join(parts)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("report", help="bench.json")
-    with open(parser.parse_args().report) as f:
+def main(argv=None):
+    parser = HfArgumentParser((), description=__doc__.splitlines()[0])
+    parser.add_argument("report", help="bench.json, written by python -m benchmarks")
+    with open(parser.parse_args(argv).report) as f:
         print(markdown(json.load(f)))
 
 

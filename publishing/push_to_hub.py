@@ -16,8 +16,8 @@ The token is read where huggingface_hub reads it (HF_TOKEN, then the file `hf au
 stops. HF_ENDPOINT selects another Hub-compatible server.
 """
 
-import argparse
 import contextlib
+from dataclasses import dataclass, field
 import fnmatch
 import logging
 import sys
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from publishing.model_card import model_card, write_model_card
 
@@ -168,16 +168,23 @@ def push_after_training(args: TrainingArguments, repo_id: str) -> None:
                          f"`python -m publishing.push_to_hub {args.output_dir} --repo_id {repo_id}`") from None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("output_dir", help="a train.py output folder")
-    p.add_argument("--repo_id", required=True, help="ORG/NAME (or NAME: your own namespace)")
-    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
-    p.add_argument("--revision", default=None, help="branch to push to (default: main)")
-    p.add_argument("--commit_message", default=None)
-    p.add_argument("--license", default="apache-2.0", help="license in the card's metadata (mind the training data's)")
-    p.add_argument("--dry_run", action="store_true", help="print the model card and the files that would go up; push nothing")
-    return p.parse_args(argv)
+@dataclass
+class PushArguments:
+    repo_id: str = field(metadata={"help": "ORG/NAME (or NAME: your own namespace)"})
+    private: bool = field(default=False, metadata={"help": "create the repo private (an existing repo keeps its visibility)"})
+    revision: str | None = field(default=None, metadata={"help": "branch to push to (default: main)"})
+    commit_message: str | None = field(default=None, metadata={"help": "default: Upload NanoVLM from FOLDER"})
+    license: str = field(default="apache-2.0", metadata={"help": "license in the card's metadata (mind the training data's)"})
+    dry_run: bool = field(default=False, metadata={"help": "print the model card and the files that would go up; push nothing"})
+
+
+def parse_args(argv: list[str] | None) -> PushArguments:
+    """PushArguments plus the positional output folder (`args.output_dir`)."""
+    parser = HfArgumentParser(PushArguments, description=__doc__.split("\n\n")[0])
+    parser.add_argument("output_dir", help="a train.py output folder")
+    args, rest = parser.parse_args_into_dataclasses(args=argv)
+    args.output_dir = rest.output_dir
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

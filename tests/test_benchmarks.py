@@ -14,8 +14,9 @@ from benchmarks.table import markdown
 from processing.collator import NanoVLMCollator
 
 TINY = Settings(
-    presets=("mini",), batch_size=4, train_steps=1, train_seconds=0.0, train_repeats=2, warmup_steps=1, lengths=(3, 5), generate_reps={1: 1, 4: 1},
-    cache_reps=1, processor_images=4, matmul_sizes=(128,), matmul_seconds=0.05, mfu_preset="mini", bf16_steps=1, bf16_mfu=True,
+    presets=["mini"], batch_size=4, train_steps=1, train_seconds=0.0, train_repeats=2, warmup_steps=1, lengths=[3, 5],
+    generate_batch_sizes=[1, 4], generate_calls=[1, 1], cache_reps=1, processor_images=4, matmul_sizes=[128], matmul_seconds=0.05,
+    mfu_preset="mini", bf16_steps=1, bf16_mfu=True,
     ttq_seconds=1.0, ttq_eval_seconds=1.0, ttq_train_examples=8, ttq_validation_examples=4, tokenizer_texts=200,
     checkpointing_preset="mini", checkpointing_steps=1,
 )
@@ -139,3 +140,14 @@ def test_allocation_splits_one_budget_and_sweeps_resumably(tmp_path, capsys):
     capsys.readouterr()
     allocation.main(argv)  # finished runs are not run again
     assert json.loads(out.read_text())["runs"] == report["runs"]
+
+
+def test_benchmark_flags_are_settings_fields_and_quick_sets_their_defaults():
+    from benchmarks.__main__ import QUICK, parse_args
+
+    args, settings = parse_args(["--quick", "--train_steps", "7", "--presets", "mini", "base", "--bf16_mfu", "false"])
+    assert args.quick and settings.train_steps == 7 and settings.presets == ["mini", "base"] and settings.bf16_mfu is False
+    assert settings.ttq_seconds == QUICK.ttq_seconds and settings.matmul_sizes == QUICK.matmul_sizes  # the rest: QUICK's
+    assert parse_args([])[1] == Settings()
+    with pytest.raises(ValueError, match="--trainsteps"):
+        parse_args(["--trainsteps", "7"])  # a misspelt setting is refused, not ignored
