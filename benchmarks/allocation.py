@@ -27,6 +27,7 @@ from transformers import HfArgumentParser
 
 from benchmarks import make_it_see
 from benchmarks.sizes import part_sizes
+from evaluation.report import markdown_table
 from modeling_nanovlm import NanoVLMConfig
 from processing import scenes
 from processing.data import load_coco_captions
@@ -165,9 +166,7 @@ def markdown(summary: list[dict], data: str, budget: int, samples: int) -> str:
     cols = columns(data)
     header = ["encoder share", "vision width", "decoder width", "vision / projector / decoder", "total", "seeds",
               "wall time", *(name for name, _, _ in cols)]
-    lines = [f"Budget {budget / 1e6:.2f}M parameters, {samples:,} training samples a run; "
-             "metric: mean over seeds (± half the max-min spread where there are two or more).", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for s in summary:
         cells = [f"{s['share']:.1%}", str(s["vision_hidden_size"]), str(s["hidden_size"]),
                  f"{s['vision'] / 1e6:.2f}M / {s['projector'] / 1e6:.2f}M / {s['decoder'] / 1e6:.2f}M",
@@ -176,8 +175,9 @@ def markdown(summary: list[dict], data: str, budget: int, samples: int) -> str:
         for _, key, fmt in cols:
             value, spread = s.get(key), s.get(key + ".spread")
             cells.append("-" if value is None else fmt.format(value) + ("" if spread is None else " ± " + fmt.format(spread / 2)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return (f"Budget {budget / 1e6:.2f}M parameters, {samples:,} training samples a run; "
+            "metric: mean over seeds (± half the max-min spread where there are two or more).\n\n" + markdown_table(header, rows))
 
 
 def plot(summary: list[dict], rows: list[dict], data: str, path: str, title: str) -> None:

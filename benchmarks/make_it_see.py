@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from evaluation.report import markdown_table
+
 logger = logging.getLogger(__name__)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,15 +85,14 @@ PHOTOS_COLUMNS = [("val loss", "final.eval_loss", "{:.3f}"), ("image gap (nats/t
 def markdown(rows: list[dict]) -> str:
     columns = PHOTOS_COLUMNS if any("captions.cider_d" in r for r in rows) else SCENES_COLUMNS
     header = ["recipe", "change", "samples seen", "wall time", *(name for name, _, _ in columns)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells = []
     for r in rows:
         if any(r.get(key) is None for _, key, _ in columns):
-            lines.append(f"| {r['name']} | {r['change']} | failed (exit {r.get('returncode')}) |" + " |" * (len(header) - 3))
+            cells.append([r["name"], r["change"], f"failed (exit {r.get('returncode')})", *[""] * (len(header) - 3)])
             continue
-        cells = [r["name"], r["change"], f"{r['train_examples_seen']:,}", f"{r['wall_seconds'] / 60:.1f} min",
-                 *(fmt.format(r[key]) for _, key, fmt in columns)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells.append([r["name"], r["change"], f"{r['train_examples_seen']:,}", f"{r['wall_seconds'] / 60:.1f} min",
+                      *(fmt.format(r[key]) for _, key, fmt in columns)])
+    return markdown_table(header, cells)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser
 
+from evaluation.report import markdown_table
 from modeling_nanovlm import PRESETS, NanoVLMConfig, NanoVLMForConditionalGeneration
 
 PAPER_TOTALS_M = {"mini": 5, "base": 16, "large": 25}
@@ -39,15 +40,13 @@ def preset_sizes(**overrides) -> dict[str, dict[str, int]]:
 
 
 def markdown(sizes: dict) -> str:
-    rows = ["| preset | vision | projector | decoder (embedding) | total | paper |", "|---|---|---|---|---|---|"]
+    rows = []
     for name, s in sizes.items():
         paper = PAPER_TOTALS_M[name]
-        rows.append(
-            f"| {name} | {s['vision'] / 1e6:.2f}M | {s['projector'] / 1e6:.2f}M | "
-            f"{s['decoder'] / 1e6:.2f}M ({s['embedding'] / 1e6:.2f}M) | {s['total'] / 1e6:.2f}M | "
-            f"~{paper}M ({(s['total'] / 1e6 - paper) / paper:+.0%}) |"
-        )
-    return "\n".join(rows)
+        rows.append((name, f"{s['vision'] / 1e6:.2f}M", f"{s['projector'] / 1e6:.2f}M",
+                     f"{s['decoder'] / 1e6:.2f}M ({s['embedding'] / 1e6:.2f}M)", f"{s['total'] / 1e6:.2f}M",
+                     f"~{paper}M ({(s['total'] / 1e6 - paper) / paper:+.0%})"))
+    return markdown_table(("preset", "vision", "projector", "decoder (embedding)", "total", "paper"), rows)
 
 
 @dataclass

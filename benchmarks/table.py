@@ -7,45 +7,46 @@ import json
 
 from transformers import HfArgumentParser
 
+from evaluation.report import markdown_table
+
 
 def _f(value, digits=2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
 def targets_table(report: dict) -> list[str]:
-    lines = ["| goal | value | target | met |", "|---|---|---|---|"]
+    rows = []
     for key, target in report["targets"].items():
         met = {True: "yes", False: "no", None: "n/a"}[target["met"]]
         note = f" ({target['note']})" if target.get("note") else ""
-        lines.append(f"| `{key}` | {_f(target['value'])} | >= {target['goal']} | {met}{note} |")
-    return lines
+        rows.append((f"`{key}`", _f(target["value"]), f">= {target['goal']}", met + note))
+    return [markdown_table(("goal", "value", "target", "met"), rows)]
 
 
 def train_table(report: dict) -> list[str]:
-    head = ("| preset | parameters NanoVLM / peer | NanoVLM samples/s | peer samples/s | speedup | GFLOP a step NanoVLM / peer"
-            " | GFLOP/s NanoVLM / peer | peak RSS NanoVLM / peer (MB) |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    header = ("preset", "parameters NanoVLM / peer", "NanoVLM samples/s", "peer samples/s", "speedup", "GFLOP a step NanoVLM / peer",
+              "GFLOP/s NanoVLM / peer", "peak RSS NanoVLM / peer (MB)")
+    rows = []
     for name, runs in report["train"].items():
         nano, peer = runs["as_user_runs_it"]["nanovlm"], runs["as_user_runs_it"]["peer"]
         counts = report["parameters"][name]
-        lines.append(
-            f"| {name} | {counts['nanovlm'] / 1e6:.2f}M / {counts['peer'] / 1e6:.2f}M | {_f(nano['samples_per_s'], 1)} | "
-            f"{_f(peer['samples_per_s'], 1)} | {_f(nano['samples_per_s'] / peer['samples_per_s'])}x | "
-            f"{nano['flops_per_step'] / 1e9:,.1f} / {peer['flops_per_step'] / 1e9:,.1f} | "
-            f"{nano['achieved_gflops']:,.0f} / {peer['achieved_gflops']:,.0f} | {nano['peak_rss_mb']:,.0f} / {peer['peak_rss_mb']:,.0f} |"
-        )
-    return lines
+        rows.append((name, f"{counts['nanovlm'] / 1e6:.2f}M / {counts['peer'] / 1e6:.2f}M", _f(nano["samples_per_s"], 1),
+                     _f(peer["samples_per_s"], 1), f"{_f(nano['samples_per_s'] / peer['samples_per_s'])}x",
+                     f"{nano['flops_per_step'] / 1e9:,.1f} / {peer['flops_per_step'] / 1e9:,.1f}",
+                     f"{nano['achieved_gflops']:,.0f} / {peer['achieved_gflops']:,.0f}",
+                     f"{nano['peak_rss_mb']:,.0f} / {peer['peak_rss_mb']:,.0f}"))
+    return [markdown_table(header, rows)]
 
 
 def generate_table(report: dict) -> list[str]:
     nano, peer = report["generate"]["nanovlm"], report["generate"]["peer"]
     keys = [k for k in nano if k.startswith("batch_")]
-    lines = ["| batch, new tokens | NanoVLM captions/s | peer captions/s | speedup |", "|---|---|---|---|"]
+    rows = []
     for key in keys:
         _, batch, _, tokens = key.split("_")
         a, b = nano[key]["captions_per_s"], peer[key]["captions_per_s"]
-        lines.append(f"| {batch}, {tokens} | {_f(a, 1)} | {_f(b, 1)} | {_f(a / b)}x |")
-    return lines
+        rows.append((f"{batch}, {tokens}", _f(a, 1), _f(b, 1), f"{_f(a / b)}x"))
+    return [markdown_table(("batch, new tokens", "NanoVLM captions/s", "peer captions/s", "speedup"), rows)]
 
 
 def other_lines(report: dict) -> list[str]:

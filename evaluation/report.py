@@ -18,10 +18,16 @@ def format_value(value) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
+def markdown_table(header, rows) -> str:
+    """A markdown table: `header` names the columns, each row gives one cell per column (a `|` or a line
+    break inside a cell is escaped). The one table writer of the project's reports, cards and benchmarks."""
+    cell = lambda value: str(value).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
+
+
 def _table(header: tuple[str, str], rows) -> list[str]:
-    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows]
-    return lines + [""]
+    return [markdown_table(header, rows), ""]
 
 
 def markdown(report: dict) -> str:
@@ -36,12 +42,10 @@ def markdown(report: dict) -> str:
     lines += ["## Samples", ""]
     lines += _table(("model", "reference"), ((r["model"], r["reference"]) for r in report["samples"]))
     if report.get("judge_samples"):
-        lines += ["## Judged completions", "", "| beginning | model's completion | scores | reference's completion | scores |",
-                  "|---|---|---|---|---|"]
-        for r in report["judge_samples"]:
-            lines.append(" | ".join(["", r["beginning"], r["model"], json.dumps(r["model_scores"]), r["reference"],
-                                     json.dumps(r["reference_scores"]), ""]).strip())
-        lines.append("")
+        header = ("beginning", "model's completion", "scores", "reference's completion", "scores")
+        rows = [(r["beginning"], r["model"], json.dumps(r["model_scores"]), r["reference"], json.dumps(r["reference_scores"]))
+                for r in report["judge_samples"]]
+        lines += ["## Judged completions", "", *_table(header, rows)]
     lines += [f"![pictures with the model's text and the reference]({GRID_NAME})", ""]
     return "\n".join(lines)
 

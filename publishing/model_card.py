@@ -15,6 +15,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 
+from evaluation.report import markdown_table
 from modeling_nanovlm import NanoVLMConfig
 from processing import scenes
 
@@ -50,10 +51,7 @@ def _fmt(value: float) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:.3g}"
 
 
-def _table(header: tuple[str, str], rows: list[tuple[str, str]]) -> str:
-    cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    return "\n".join(lines + [f"| {cell(a)} | {cell(b)} |" for a, b in rows])
+_table = markdown_table
 
 
 def parameter_counts(folder: Path) -> dict[str, int]:
