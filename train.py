@@ -80,6 +80,11 @@ class ModelArguments:
     )
     tokenizer: str | None = field(default=None, metadata={"help": "folder with a saved tokenizer; else one is trained"})
     vocab_size: int = field(default=25000, metadata={"help": "BPE vocabulary size when training a tokenizer"})
+    generation_num_beams: int | None = field(
+        default=None,
+        metadata={"help": "beam width saved in the model's generation_config.json: generate(), the pipeline and every evaluation "
+                  "caption with it (default: greedy)"},
+    )
     max_length: int | None = field(
         default=None,
         metadata={"help": "longest caption in tokens, longer ones are cut (default: 128, or what the decoder's "
@@ -607,6 +612,8 @@ def main(argv=None):
             with open(os.path.join(training_args.output_dir, "arguments.json"), "w") as f:  # for the model card
                 json.dump({"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()}, f, indent=2)
     model = build_model(model_args, len(processor.tokenizer))
+    if model_args.generation_num_beams is not None:
+        model.generation_config.num_beams = model_args.generation_num_beams
     max_length = caption_length(model, model_args.max_length)
     logger.info("%s parameters, %d training / %d validation examples", f"{model.num_parameters():,}", len(train), len(validation))
     max_new_tokens = data_args.max_new_tokens or (110 if data_args.scenes_style == "long" else 48)
