@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_nanovlm import NanoVLMConfig
 
@@ -26,10 +27,14 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class NanoVLMModelOutput(ModelOutput):
-    """Base model output. `last_hidden_state` covers the text positions only."""
+    """Base model output. `last_hidden_state` covers the text positions only; `hidden_states` (one per
+    decoder layer, after the embeddings first and the final norm last) and `attentions` cover the whole
+    decoder input, visual prefix first."""
 
     last_hidden_state: torch.FloatTensor | None = None
     cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
@@ -38,16 +43,37 @@ class NanoVLMCausalLMOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
+def eager_attention_forward(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+    """Attention written out (softmax(q k^T * scaling + mask) v), which can return its weights. `attention_mask`
+    is additive (0 / finfo.min); a causal layer without one gets the causal mask here, as SDPA's is_causal would."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    elif kwargs.get("is_causal"):
+        q, k = query.shape[2], key.shape[2]
+        allowed = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)
+        weights = weights.masked_fill(~allowed, torch.finfo(weights.dtype).min)
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class NanoVLMAttention(nn.Module):
-    """Multi-head attention through `F.scaled_dot_product_attention`; causal or bidirectional."""
+    """Multi-head attention, causal or bidirectional, through transformers' attention-function registry:
+    `config._attn_implementation` ("sdpa" by default, or "eager", or one registered with
+    `AttentionInterface.register`) picks the kernel; `output_attentions` uses eager, the one that has weights."""
 
     def __init__(self, hidden_size: int, num_heads: int, config: NanoVLMConfig, is_causal: bool, layer_idx=None):
         super().__init__()
+        self.config = config
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
+        self.scaling = self.head_dim**-0.5
         self.is_causal = is_causal
         self.layer_idx = layer_idx
         self.dropout = config.attention_dropout
@@ -56,7 +82,7 @@ class NanoVLMAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.o_proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None):
+    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, output_attentions: bool = False):
         B, T, C = hidden_states.shape
         shape = (B, T, self.num_heads, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, nh, T, hs)
@@ -68,10 +94,12 @@ class NanoVLMAttention(nn.Module):
         # queries and keys line up (no cache, or a cache that was empty). A plain bool without a cache, so that
         # torch.export with a dynamic length can trace it.
         is_causal = self.is_causal and attention_mask is None and (cache is None or k.shape[2] == T)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        y, weights = attention(
+            self, q, k, v, attention_mask, dropout=self.dropout if self.training else 0.0, scaling=self.scaling, is_causal=is_causal
         )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.o_proj(y.reshape(B, T, C)), weights
 
 
 class NanoVLMMLP(nn.Module):
@@ -97,9 +125,11 @@ class NanoVLMBlock(GradientCheckpointingLayer):
         self.mlp = NanoVLMMLP(hidden_size, intermediate_size, config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, attention_mask=None, cache=None):
-        hidden_states = hidden_states + self.dropout(self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache))
-        return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+    def forward(self, hidden_states, attention_mask=None, cache=None, output_attentions: bool = False):
+        """The new hidden states, and the attention weights when `output_attentions` (else None)."""
+        attended, weights = self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache, output_attentions)
+        hidden_states = hidden_states + self.dropout(attended)
+        return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states))), weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +182,7 @@ class NanoVLMVisionModel(nn.Module):
     def forward(self, pixel_values):
         hidden_states = self.embeddings(pixel_values)
         for layer in self.layers:
-            hidden_states = layer(hidden_states)
+            hidden_states = layer(hidden_states)[0]
         return self.post_layernorm(hidden_states)
 
 
@@ -178,11 +208,22 @@ class NanoVLMTextModel(nn.Module):
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None):
+    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None, output_hidden_states=False,
+                output_attentions=False):
+        """(final hidden states, every layer's input and the final ones when asked, every layer's attention weights
+        when asked)."""
         hidden_states = self.dropout(inputs_embeds + self.embed_positions(position_ids))
+        all_hidden, all_attentions = (), ()
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask, cache)
-        return self.norm(hidden_states)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            hidden_states, weights = layer(hidden_states, attention_mask, cache, output_attentions)
+            if output_attentions:
+                all_attentions += (weights,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        return hidden_states, all_hidden or None, all_attentions or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +238,7 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     _supports_sdpa = True
+    _supports_attention_backend = True  # kernels registered with transformers' AttentionInterface
     supports_gradient_checkpointing = True
     _no_split_modules = ["NanoVLMBlock"]
 
@@ -288,6 +330,7 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]; was the text tokenized with this model's processor?"
             )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -296,8 +339,12 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> NanoVLMModelOutput:
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         if input_ids is None and inputs_embeds is None and pixel_values is None:
             raise ValueError("NanoVLM needs an image (pixel_values), a prompt (input_ids) or both; got neither")
         if inputs_embeds is None and input_ids is not None:
@@ -342,10 +389,13 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
             )
         mask = None if key_mask is None else self._additive_mask(key_mask, T, kv_length, inputs_embeds.dtype)
 
-        hidden = self.language_model(inputs_embeds, position_ids, mask, cache)
+        hidden, all_hidden, attentions = self.language_model(inputs_embeds, position_ids, mask, cache, output_hidden_states,
+                                                             output_attentions)
         return NanoVLMModelOutput(
             last_hidden_state=hidden[:, num_prefix:],
             cache=cache if use_cache else None,
+            hidden_states=all_hidden,
+            attentions=attentions,
             image_hidden_states=image_hidden_states,
         )
 
@@ -444,6 +494,7 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         that itself (it alone knows the visual prefix), so the 2D mask passes through."""
         return attention_mask
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -454,12 +505,16 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> NanoVLMCausalLMOutput:
-        """`labels` align with `input_ids` (-100 = ignored); the loss is transformers' causal-LM loss."""
+        """`labels` align with `input_ids` (-100 = ignored); the loss is transformers' causal-LM loss.
+        `return_dict=False` gives the output's fields that are set, as a tuple."""
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
         )
         hidden = outputs.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T, vocab)
@@ -467,7 +522,8 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
         return NanoVLMCausalLMOutput(
-            loss=loss, logits=logits, cache=outputs.cache, image_hidden_states=outputs.image_hidden_states
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
         )
 
 

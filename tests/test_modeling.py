@@ -280,3 +280,74 @@ def test_image_and_prompt_counts_must_match(tester):
     model = tester.get_model()
     with pytest.raises(ValueError, match="one prompt per image"):
         model(input_ids=torch.ones(2, 3, dtype=torch.long), pixel_values=torch.zeros(3, 3, 32, 32))
+
+
+# --- attention through transformers' attention interface, and the output flags ---------------------------
+
+
+def test_eager_and_sdpa_attention_give_the_same_logits_and_tokens(tester, processor, images):
+    model = tester.get_model().eval()
+    padded = processor(images=images[:3], text=["I see", "", "I see a red"])  # left padding: the masked path
+    plain = processor(images=images[:3])
+    outputs = {}
+    for implementation in ("sdpa", "eager"):
+        model.set_attn_implementation(implementation)
+        assert model.config._attn_implementation == implementation
+        outputs[implementation] = (model(**padded).logits, model(**plain).logits,
+                                   model.generate(**padded, max_new_tokens=6, do_sample=False))
+    for sdpa, eager in zip(outputs["sdpa"], outputs["eager"]):
+        torch.testing.assert_close(eager, sdpa, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_goes_through_the_registered_function(tester, processor, images):
+    from transformers import AttentionInterface
+
+    from modeling_nanovlm.modeling_nanovlm import eager_attention_forward
+
+    calls = []
+
+    def counting(module, *args, **kwargs):
+        calls.append(module.is_causal)
+        return eager_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("counting", counting)
+    model = tester.get_model().eval()
+    reference = model(**processor(images=images[:2])).logits
+    model.set_attn_implementation("counting")
+    torch.testing.assert_close(model(**processor(images=images[:2])).logits, reference, rtol=1e-4, atol=1e-5)
+    config = model.config  # every layer of both towers: vision (bidirectional), then the decoder (causal)
+    assert calls == [False] * config.vision_num_hidden_layers + [True] * config.num_hidden_layers
+
+
+def test_output_flags_return_what_they_name(tester, processor, images):
+    model = tester.get_model().eval()
+    inputs = processor(images=images[:2], text=CAPTIONS[:2], padding_side="right")
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    out = model(**inputs, labels=labels, output_hidden_states=True, output_attentions=True)
+    config, prefix, text = model.config, model.config.num_image_tokens, inputs["input_ids"].shape[1]
+    assert len(out.hidden_states) == config.num_hidden_layers + 1  # the embeddings, then each layer (the last normed)
+    assert all(h.shape == (2, prefix + text, config.hidden_size) for h in out.hidden_states)
+    base = model.model(**inputs)
+    torch.testing.assert_close(out.hidden_states[-1][:, prefix:], base.last_hidden_state)
+    assert len(out.attentions) == config.num_hidden_layers
+    for weights in out.attentions:  # (batch, heads, queries, keys): rows sum to 1, no query sees a later key
+        assert weights.shape == (2, config.num_attention_heads, prefix + text, prefix + text)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+        assert weights.triu(1).abs().max() == 0
+    assert model(**inputs).hidden_states is None and model(**inputs).attentions is None
+
+    as_tuple = model(**inputs, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], out.loss)
+    torch.testing.assert_close(as_tuple[1], out.logits)
+
+
+def test_generate_returns_hidden_states_and_attentions_per_step(tester, processor, images):
+    model = tester.get_model().eval()
+    inputs = processor(images=images[:2])
+    out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                         output_hidden_states=True, output_attentions=True, output_scores=True)
+    assert len(out.hidden_states) == len(out.attentions) == len(out.scores) == 4  # one entry per new token
+    assert len(out.hidden_states[0]) == model.config.num_hidden_layers + 1
+    plain = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(out.sequences, plain)
