@@ -151,3 +151,37 @@ def test_benchmark_flags_are_settings_fields_and_quick_sets_their_defaults():
     assert parse_args([])[1] == Settings()
     with pytest.raises(ValueError, match="--trainsteps"):
         parse_args(["--trainsteps", "7"])  # a misspelt setting is refused, not ignored
+
+
+def test_photos_peer_trains_both_sides_for_the_same_time_and_scores_them(tmp_path):
+    from PIL import Image
+
+    from benchmarks import photos_peer
+
+    images, coco = tmp_path / "images", {"images": [], "annotations": []}
+    images.mkdir()
+    colours = ["red", "green", "blue", "black"]
+    for k in range(12):
+        Image.new("RGB", (32, 32), [(200, 30, 30), (30, 200, 30), (30, 30, 200), (10, 10, 10)][k % 4]).save(images / f"{k}.png")
+        coco["images"].append({"id": k, "file_name": f"{k}.png"})
+        for j in range(2):
+            coco["annotations"].append({"image_id": k, "id": 10 * k + j, "caption": f"a {colours[k % 4]} square on a wall ."})
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    recipe = {"preset": "mini", "vision_feature_select": "pooled", "image_size": 32, "vocab_size": 300,
+              "config_overrides": "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,vision_hidden_size=32,"
+                                  "vision_num_attention_heads=4,patch_size=8,vision_stem_channels=16,vision_pool_size=2,max_position_embeddings=64",
+              "dataset": "coco", "caption_file": str(tmp_path / "captions.json"), "image_dir": str(images),
+              "validation_caption_file": str(tmp_path / "captions.json"), "num_validation_examples": 4,
+              "aux_words_weight": 1.0, "aux_words_min_count": 1, "augment": True, "learning_rate": 0.003,
+              "per_device_train_batch_size": 4, "use_cpu": True}
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    out = tmp_path / "peer.json"
+    photos_peer.main(["--recipe", str(tmp_path / "recipe.json"), "--budget_minutes", "0.05", "--output", str(out)])
+    report = json.loads(out.read_text())
+    nano, peer = report["sides"]["nanovlm"], report["sides"]["peer"]
+    assert report["validation_photos"] == 4 and set(report["schedule_steps"]) == {"nanovlm", "peer"}
+    for name, side in report["sides"].items():  # each trained its schedule within the budget (3 s) and was scored on the 4 photos
+        assert 1 <= side["steps"] <= report["schedule_steps"][name] and side["train_seconds"] <= 3 + 10
+        assert len(side["samples_captions"]) == 4
+        assert 0 <= side["cider_d"] and 0 <= side["bleu4"] <= 1
+    assert nano["parameters"] != peer["parameters"] and "| nanovlm |" in (tmp_path / "peer.md").read_text()
