@@ -254,7 +254,7 @@ def build_processor(model_args: ModelArguments, texts, image_size: int, output_d
     else:
         tokenizer = train_tokenizer(texts, vocab_size=model_args.vocab_size)
     image_processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size})
-    return NanoVLMProcessor(image_processor, tokenizer)
+    return NanoVLMProcessor(image_processor, tokenizer, num_image_tokens=model_config(model_args).num_image_tokens)
 
 
 def check_output_dir(training_args) -> None:
@@ -303,7 +303,7 @@ def resolve_resume(resume, output_dir: str):
 
 
 def caption_length(model, max_length: int | None) -> int:
-    """--max_length, checked to fit the decoder's position table after the visual prefix (before training,
+    """--max_length, checked to fit the decoder's position table after the image tokens (before training,
     not at the first long caption), or the default."""
     room = model.config.max_position_embeddings - model.config.num_image_tokens
     if max_length is None:
@@ -319,13 +319,22 @@ def caption_length(model, max_length: int | None) -> int:
     return max_length
 
 
+def model_config(model_args: ModelArguments, vocab_size: int | None = None) -> NanoVLMConfig:
+    """The starting model's config, or the preset's with --vision_feature_select, --image_size and --config_overrides."""
+    if model_args.model_name_or_path:
+        return NanoVLMConfig.from_pretrained(model_args.model_name_or_path)
+    overrides = {} if vocab_size is None else {"vocab_size": vocab_size}
+    if model_args.vision_feature_select:
+        overrides["vision_feature_select"] = model_args.vision_feature_select
+    if model_args.image_size:
+        overrides["image_size"] = model_args.image_size
+    overrides.update(parse_config_overrides(model_args.config_overrides))
+    return NanoVLMConfig.from_preset(model_args.preset, **overrides)
+
+
 def image_size_of(model_args: ModelArguments) -> int:
     """--image_size, else the starting model's, else the preset's."""
-    if model_args.image_size:
-        return model_args.image_size
-    if model_args.model_name_or_path:
-        return NanoVLMConfig.from_pretrained(model_args.model_name_or_path).image_size
-    return NanoVLMConfig.from_preset(model_args.preset).image_size
+    return model_args.image_size or model_config(model_args).image_size
 
 
 def parse_config_overrides(text: str | None) -> dict:
@@ -357,13 +366,7 @@ def parse_config_overrides(text: str | None) -> dict:
 def build_model(model_args: ModelArguments, vocab_size: int) -> NanoVLMForConditionalGeneration:
     if model_args.model_name_or_path:
         return NanoVLMForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
-    overrides = {"vocab_size": vocab_size}
-    if model_args.vision_feature_select:
-        overrides["vision_feature_select"] = model_args.vision_feature_select
-    if model_args.image_size:
-        overrides["image_size"] = model_args.image_size
-    overrides.update(parse_config_overrides(model_args.config_overrides))
-    return NanoVLMForConditionalGeneration(NanoVLMConfig.from_preset(model_args.preset, **overrides))
+    return NanoVLMForConditionalGeneration(model_config(model_args, vocab_size))
 
 
 class AuxTargetsCollator:

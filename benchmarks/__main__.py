@@ -180,7 +180,7 @@ class Benchmark:
         self.processor.save_pretrained(work)
         self.vocab, self.bos = len(self.processor.tokenizer), self.processor.tokenizer.bos_token_id
         self.batch = speed.fixed_batch(self.processor, settings.batch_size)
-        self.batches = {}  # image size -> the same scenes at that size (presets differ: mini-112 vs the paper's 224)
+        self.batches = {}  # (image size, image tokens) -> the same scenes for those presets (mini-112 vs the paper's 224)
         self.runs = {}  # (side, preset, bf16) -> result: a run two figures share is measured once
         self.report = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
@@ -193,11 +193,13 @@ class Benchmark:
         }
 
     def batch_for(self, name: str) -> dict:
-        size = speed.train.image_size_of(speed.train.parse_args(["--preset", name])[0])
-        if size not in self.batches:
-            processor = speed.train.build_processor(self.model_args, self.texts, size, self.work)
-            self.batches[size] = speed.fixed_batch(processor, self.settings.batch_size)
-        return self.batches[size]
+        """The fixed batch at `name`'s image size and number of image tokens."""
+        model_args = speed.train.parse_args(["--preset", name])[0]
+        key = (speed.train.image_size_of(model_args), speed.train.model_config(model_args).num_image_tokens)
+        if key not in self.batches:
+            processor = speed.train.build_processor(model_args, self.texts, key[0], self.work)
+            self.batches[key] = speed.fixed_batch(processor, self.settings.batch_size)
+        return self.batches[key]
 
     def train_runs(self, preset: str, keys: list, steps=None, warmup=None, seconds=None, repeats=None) -> list[dict]:
         """Measure each (side, bf16) in `keys` not measured yet, taking turns `repeats` times; keep each one's fastest."""

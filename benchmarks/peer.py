@@ -37,9 +37,11 @@ def build_peer(config: NanoVLMConfig) -> VisionEncoderDecoderModel:
 
 
 def peer_inputs(batch: dict) -> dict:
-    """NanoVLM's training batch (`<bos> text <eos>`, labels = ids with -100 on pads) for the peer.
+    """NanoVLM's training batch (`<image>... <bos> text <eos>`, labels = ids with -100 on the image tokens,
+    `<bos>` and pads) for the peer: the labels from the first text token on.
 
-    The peer shifts `labels` right behind `decoder_start_token_id` (= `<bos>`), so dropping the
-    `<bos>` label gives it the same decoder inputs and the same targets as NanoVLM.
+    The peer shifts `labels` right behind `decoder_start_token_id` (= `<bos>`), so it gets the same
+    decoder inputs and the same targets as NanoVLM.
     """
-    return {"pixel_values": batch["pixel_values"], "labels": batch["labels"][:, 1:].contiguous()}
+    start = int((batch["labels"] != -100).any(0).nonzero()[0])  # right padding: every caption starts there
+    return {"pixel_values": batch["pixel_values"], "labels": batch["labels"][:, start:].contiguous()}

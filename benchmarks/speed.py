@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
-from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import Trainer, TrainerCallback, TrainingArguments, VisionEncoderDecoderModel, default_data_collator
 from transformers.trainer_callback import PrinterCallback
 
 import train  # the repository's train.py (run from the repository root): its defaults are "NanoVLM as a user runs it"
@@ -158,10 +158,12 @@ def train_speed(device, side, preset, batch, vocab_size, steps, warmup, bf16, mi
     return result
 
 
-def generate_inputs(side, pixel_values, bos):
-    if side == "peer":
+def generate_inputs(model, pixel_values, bos):
+    """The captioning prompt of each image: the peer's pixel values alone; NanoVLM's image tokens and `<bos>`."""
+    if isinstance(model, VisionEncoderDecoderModel):
         return {"pixel_values": pixel_values}
-    ids = torch.full((len(pixel_values), 1), bos, dtype=torch.long, device=pixel_values.device)
+    prompt = [model.config.image_token_id] * model.config.num_image_tokens + [bos]
+    ids = torch.tensor([prompt] * len(pixel_values), dtype=torch.long, device=pixel_values.device)
     return {"pixel_values": pixel_values, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -171,9 +173,10 @@ def timed_generate(model, inputs, new_tokens, reps, device, **kwargs):
     kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
     outputs = []
     seconds = min(_seconds(lambda: outputs.append(model.generate(**inputs, **kwargs)), device) for _ in range(reps))
-    if outputs[-1].shape[1] != 1 + new_tokens:  # both sides start from one token: <bos> (the prompt) or decoder_start
-        raise AssertionError(f"generated {outputs[-1].shape[1] - 1} tokens, not {new_tokens}")
-    return seconds, outputs[-1]
+    prompt = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1  # NanoVLM: image tokens and <bos>; the peer: decoder_start
+    if outputs[-1].shape[1] != prompt + new_tokens:
+        raise AssertionError(f"generated {outputs[-1].shape[1] - prompt} tokens, not {new_tokens}")
+    return seconds, outputs[-1][:, prompt:]
 
 
 @torch.no_grad()
@@ -185,7 +188,7 @@ def generate_speed(device, preset, vocab_size, pixel_values, bos, lengths, reps,
     models = {side: build_model(side, preset, vocab_size).to(device, dtype).eval() for side in SIDES}
     result = {side: {"bf16": bf16} for side in SIDES}
     for batch_size, batch_reps in reps.items():
-        inputs = {side: generate_inputs(side, pixel_values[:batch_size].to(device), bos) for side in SIDES}
+        inputs = {side: generate_inputs(models[side], pixel_values[:batch_size].to(device), bos) for side in SIDES}
         for side in SIDES:
             timed_generate(models[side], inputs[side], 4, 1, device)  # warm-up
         for n in lengths:
@@ -204,7 +207,7 @@ def cache_speed(device, preset, vocab_size, pixel_values, bos, new_tokens, reps,
     """NanoVLM generation with its KV cache and without (`use_cache=False`), which must agree token for token."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = build_model("nanovlm", preset, vocab_size).to(device, dtype).eval()
-    inputs = generate_inputs("nanovlm", pixel_values.to(device), bos)
+    inputs = generate_inputs(model, pixel_values.to(device), bos)
     timed_generate(model, inputs, 4, 1, device)
     cached, out_cached = timed_generate(model, inputs, new_tokens, reps, device)
     uncached, out_uncached = timed_generate(model, inputs, new_tokens, reps, device, use_cache=False)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 @torch.no_grad()
 def caption_loss(model, processor, images, texts, batch_size: int = 32) -> float:
     """Mean negative log-likelihood per caption token (end token included) of `texts` given `images`;
-    texts longer than the decoder's positions after the visual prefix are cut, as in training."""
+    texts longer than the decoder's positions after the image tokens are cut, as in training."""
     from processing.collator import NanoVLMCollator  # the training collator: identical preprocessing
 
     collator = NanoVLMCollator(processor, model.config.max_position_embeddings - model.config.num_image_tokens)

@@ -56,7 +56,9 @@ CUSTOM_PIPELINES = {
 class NanoVLMConfig(PreTrainedConfig):
     r"""
     Configuration of a NanoVLM: a ViT-style image encoder with a conv stem, a Linear+GELU projector
-    and a small causal decoder that reads the projected image features as a prefix.
+    and a small causal decoder. The processor writes `num_image_tokens` `<image>` tokens
+    (`image_token_id`) before the text; the model puts the projected image features in their place,
+    as LLaVA does.
 
     Build one from a preset with `NanoVLMConfig.from_preset("base", vocab_size=...)`.
 
@@ -70,7 +72,7 @@ class NanoVLMConfig(PreTrainedConfig):
         a 16x16 patch becomes a token through two small non-overlapping convolutions instead of
         one big linear map, which gives the encoder a local, translation-equivariant first step.
     max_position_embeddings:
-        Size of the decoder's learned position table; it covers the visual prefix and the text.
+        Size of the decoder's learned position table; it covers the image tokens and the text.
     hidden_dropout, attention_dropout:
         The paper's dropout 0.1 is applied to embeddings and both residual branches
         (`hidden_dropout`). Dropout on attention probabilities (`attention_dropout`, default 0)
@@ -99,6 +101,7 @@ class NanoVLMConfig(PreTrainedConfig):
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        image_token_id=3,
         # vision encoder
         image_size=224,
         patch_size=16,
@@ -125,6 +128,7 @@ class NanoVLMConfig(PreTrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.image_token_id = image_token_id
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
@@ -165,7 +169,7 @@ class NanoVLMConfig(PreTrainedConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """How many visual prefix tokens the decoder reads per image."""
+        """How many `<image>` tokens (visual tokens) the decoder reads per image."""
         return {"cls": 1, "pooled": self.vision_pool_size**2, "all": self.num_patches + 1}[self.vision_feature_select]
 
     def _validate(self):
@@ -198,8 +202,10 @@ class NanoVLMConfig(PreTrainedConfig):
         grid = self.image_size // self.patch_size
         if self.vision_pool_size > grid:
             raise ValueError(f"vision_pool_size ({self.vision_pool_size}) must be at most the patch grid ({grid})")
+        if not isinstance(self.image_token_id, int) or not 0 <= self.image_token_id < self.vocab_size:
+            raise ValueError(f"image_token_id must be a token id below vocab_size ({self.vocab_size}), got {self.image_token_id!r}")
         if self.num_image_tokens >= self.max_position_embeddings:
             raise ValueError(
                 f"max_position_embeddings ({self.max_position_embeddings}) must exceed the "
-                f"{self.num_image_tokens} visual prefix tokens of vision_feature_select={self.vision_feature_select!r}"
+                f"{self.num_image_tokens} image tokens of vision_feature_select={self.vision_feature_select!r}"
             )

@@ -1,8 +1,9 @@
 """NanoVLM model: conv-stem ViT encoder -> Linear+GELU projector -> causal decoder.
 
 Reads top-down: attention, MLP and block (shared by both towers), the vision tower, the text
-decoder, the base model that joins them, and the captioning head. The decoder sees
-`[visual prefix ; token embeddings]`; logits and loss cover the text positions only.
+decoder, the base model that joins them, and the captioning head. As in LLaVA, `input_ids` hold
+`num_image_tokens` `<image>` tokens before the text; their embeddings are replaced by the projected
+image features, so the decoder's mask, positions and cache are the standard ones of transformers.
 This file is shipped to the Hub as remote code: it imports only torch, transformers and stdlib.
 """
 
@@ -17,6 +18,7 @@ from transformers import initialization as init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
@@ -27,9 +29,8 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class NanoVLMModelOutput(ModelOutput):
-    """Base model output. `last_hidden_state` covers the text positions only; `hidden_states` (one per
-    decoder layer, after the embeddings first and the final norm last) and `attentions` cover the whole
-    decoder input, visual prefix first."""
+    """Base model output, over every position of `input_ids` (image tokens and text). `hidden_states`: the
+    embeddings, then each decoder layer's output (the last one normed); `attentions`: each layer's weights."""
 
     last_hidden_state: torch.FloatTensor | None = None
     cache: Cache | None = None
@@ -50,9 +51,12 @@ class NanoVLMCausalLMOutput(ModelOutput):
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
     """Attention written out (softmax(q k^T * scaling + mask) v), which can return its weights. `attention_mask`
-    is additive (0 / finfo.min); a causal layer without one gets the causal mask here, as SDPA's is_causal would."""
+    is additive (0 / finfo.min) or boolean (True = may attend); a causal layer without one gets the causal mask
+    here, as SDPA's is_causal would."""
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # an SDPA-style mask: True = may attend
+        weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+    elif attention_mask is not None:
         weights = weights + attention_mask
     elif kwargs.get("is_causal"):
         q, k = query.shape[2], key.shape[2]
@@ -192,7 +196,7 @@ class NanoVLMVisionModel(nn.Module):
 
 
 class NanoVLMTextModel(nn.Module):
-    """Causal pre-LN decoder over input embeddings (visual prefix and tokens), learned positions."""
+    """Causal pre-LN decoder over input embeddings (image features and tokens), learned positions."""
 
     def __init__(self, config: NanoVLMConfig):
         super().__init__()
@@ -300,7 +304,7 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         self.language_model.embed_tokens = value
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected visual prefix, `(B, config.num_image_tokens, hidden_size)`."""
+        """Projected image features, `(B, config.num_image_tokens, hidden_size)`: what replaces the `<image>` tokens."""
         self._check_pixel_values(pixel_values)
         hidden = self.vision_tower(pixel_values.to(self.dtype))  # (B, 1 + N, vision_hidden)
         select = self.config.vision_feature_select
@@ -330,12 +334,25 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]; was the text tokenized with this model's processor?"
             )
 
+    def get_placeholder_mask(self, input_ids, image_features):
+        """Where the image features go: the `<image>` tokens of `input_ids`, `(B, T, 1)`; their count must match
+        the features'."""
+        mask = input_ids == self.config.image_token_id
+        if not torch.compiler.is_compiling() and int(mask.sum()) != image_features.shape[0] * image_features.shape[1]:
+            raise ValueError(
+                f"input_ids hold {int(mask.sum())} {'<image>'} tokens but {image_features.shape[0]} image(s) give "
+                f"{image_features.shape[0] * image_features.shape[1]} features ({image_features.shape[1]} each); "
+                "prepare images and text together with NanoVLMProcessor"
+            )
+        return mask.unsqueeze(-1)
+
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
@@ -345,92 +362,57 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
     ) -> NanoVLMModelOutput:
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        if input_ids is None and inputs_embeds is None and pixel_values is None:
-            raise ValueError("NanoVLM needs an image (pixel_values), a prompt (input_ids) or both; got neither")
-        if inputs_embeds is None and input_ids is not None:
-            self._check_input_ids(input_ids)
-            inputs_embeds = self.language_model.embed_tokens(input_ids)
-        image_hidden_states = None
-        if pixel_values is not None:
-            image_hidden_states = self.get_image_features(pixel_values)
-            if inputs_embeds is None:
-                inputs_embeds = image_hidden_states.new_zeros(image_hidden_states.shape[0], 0, self.config.hidden_size)
-            if inputs_embeds.shape[0] != image_hidden_states.shape[0]:
-                raise ValueError(
-                    f"got {image_hidden_states.shape[0]} images but {inputs_embeds.shape[0]} prompts; pass one prompt per image"
-                )
-            inputs_embeds = torch.cat([image_hidden_states.to(inputs_embeds.dtype), inputs_embeds], dim=1)
-        num_prefix = 0 if image_hidden_states is None else image_hidden_states.shape[1]
-
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(
+                "NanoVLM needs input_ids (or inputs_embeds): NanoVLMProcessor(images=..., text=...) writes the image's "
+                "<image> tokens and the prompt into them"
+            )
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past = int(cache.get_seq_length()) if cache is not None else 0
-        B, T = inputs_embeds.shape[:2]
-        # Keys the attention sees: past + T, or a static cache's whole buffer (written or not).
-        kv_length = cache.get_mask_sizes(T, 0)[0] if cache is not None else T
-
-        if kv_length < past + T:
-            raise ValueError(
-                f"the cache holds {kv_length} positions but this call needs {past + T} ({num_prefix or 'cached'} image + text); "
-                "pass a larger max_cache_len (a static cache must also hold the visual prefix)"
-            )
-        key_mask = self._key_mask(attention_mask, past, T, num_prefix)  # (B, past + T) or None
-        if key_mask is None and kv_length != past + T:  # a static cache: its unwritten keys need masking
-            key_mask = torch.ones(B, past + T, dtype=torch.long, device=inputs_embeds.device)
-        if key_mask is None:
-            position_ids = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
-        else:
-            position_ids = (key_mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if past + T > self.config.max_position_embeddings:
             raise ValueError(
-                f"the decoder input has {past + T} positions ({num_prefix or 'cached'} image + text) but "
-                f"max_position_embeddings is {self.config.max_position_embeddings}; shorten the prompt or lower max_new_tokens"
+                f"the decoder input has {past + T} positions (image tokens and text) but max_position_embeddings is "
+                f"{self.config.max_position_embeddings}; shorten the prompt or lower max_new_tokens"
             )
-        mask = None if key_mask is None else self._additive_mask(key_mask, T, kv_length, inputs_embeds.dtype)
+        if cache is not None and cache.get_mask_sizes(T, 0)[0] < past + T:  # a static cache holds a fixed number of keys
+            raise ValueError(f"the cache holds {cache.get_mask_sizes(T, 0)[0]} positions but this call needs {past + T} "
+                             "(image tokens and text); pass a larger max_cache_len")
+        if inputs_embeds is None:
+            self._check_input_ids(input_ids)
+            inputs_embeds = self.language_model.embed_tokens(input_ids)
+        image_hidden_states = None
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("with pixel_values, pass input_ids (their <image> tokens say where the image goes)")
+            image_hidden_states = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(input_ids, image_hidden_states)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_hidden_states)
 
+        if position_ids is None:  # left padding: each sample's positions start at its first real token
+            if attention_mask is not None and attention_mask.ndim == 2:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
+        # A right-padded batch without a cache (training) needs no mask: pads come after every real token, so
+        # causal attention never lets a real token see one, and the kernel runs its fast causal path.
+        right_padded = (attention_mask is not None and attention_mask.ndim == 2 and past == 0 and not torch.compiler.is_compiling()
+                        and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()))
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=None if right_padded else attention_mask, cache=cache,
+            position_ids=position_ids,
+        )
         hidden, all_hidden, attentions = self.language_model(inputs_embeds, position_ids, mask, cache, output_hidden_states,
                                                              output_attentions)
         return NanoVLMModelOutput(
-            last_hidden_state=hidden[:, num_prefix:],
+            last_hidden_state=hidden,
             cache=cache if use_cache else None,
             hidden_states=all_hidden,
             attentions=attentions,
             image_hidden_states=image_hidden_states,
         )
-
-    @staticmethod
-    def _key_mask(attention_mask, past, T, num_prefix):
-        """Which of the past + T keys are real tokens, or None when plain causal attention is exact.
-
-        `attention_mask` covers the text only (as the processor and `generate()` build it); the
-        visual prefix, present or cached, is always attended. A right-padded batch needs no mask:
-        pads come after every real token, so causal attention never lets a real token see one.
-        """
-        if attention_mask is None:
-            return None
-        attention_mask = attention_mask.bool()
-        if past == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-            return None
-        prefix = past + T - attention_mask.shape[1]  # image positions, now or in the cache
-        if prefix < 0 or (past == 0 and prefix != num_prefix):
-            raise ValueError(
-                f"attention_mask has {attention_mask.shape[1]} columns but the text has {T - num_prefix} tokens"
-                f"{f' after {past} cached positions' if past else ''}; pass the processor's attention_mask"
-            )
-        ones = attention_mask.new_ones(attention_mask.shape[0], prefix)
-        return torch.cat([ones, attention_mask], dim=1).long()
-
-    @staticmethod
-    def _additive_mask(key_mask, T, kv_length, dtype):
-        """(B, 1, T, kv_length) float mask for the last T of `key_mask`'s positions: causal, blocking
-        padded keys and the keys past `key_mask` (a static cache's unwritten slots)."""
-        past = key_mask.shape[1] - T
-        causal = torch.ones(T, kv_length, dtype=torch.bool, device=key_mask.device).tril(past)
-        keys = F.pad(key_mask.bool(), (0, kv_length - key_mask.shape[1]))  # unwritten slots: False
-        allowed = causal[None, None] & keys[:, None, None, :]
-        # A pad query may see no key at all; a finite minimum (not -inf) keeps its row from NaN.
-        return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
@@ -458,40 +440,32 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """`GenerationMixin.generate`, with the caption's length capped at what the decoder's position
-        table holds after the visual prefix and the prompt (a warning, not an error mid-generation that
+        table holds after the prompt (image tokens included) (a warning, not an error mid-generation that
         would lose the whole batch's text), as transformers does for `max_length`."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        prompt = 0 if input_ids is None else input_ids.shape[-1]
-        prefix = self.config.num_image_tokens if kwargs.get("pixel_values") is not None else 0
-        room = self.config.max_position_embeddings - prefix - prompt
+        prompt = 0 if input_ids is None else input_ids.shape[-1]  # the image tokens and the text
+        room = self.config.max_position_embeddings - prompt
         config = generation_config or self.generation_config
         asked = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
         if asked is None:
             asked = kwargs.get("max_length", getattr(config, "max_length", None) or 20) - prompt
         if room <= 0:
             raise ValueError(
-                f"the prompt ({prompt} tokens) and the {prefix} visual tokens fill the decoder's "
+                f"the prompt ({prompt} tokens, image tokens included) fills the decoder's "
                 f"{self.config.max_position_embeddings} positions: shorten the prompt"
             )
         if asked > room:
             logger.warning(
-                "max_new_tokens=%d would run past the decoder's %d positions (%d visual + %d prompt tokens): "
-                "generating at most %d new tokens", asked, self.config.max_position_embeddings, prefix, prompt, room,
+                "max_new_tokens=%d would run past the decoder's %d positions (%d prompt tokens, image tokens included): "
+                "generating at most %d new tokens", asked, self.config.max_position_embeddings, prompt, room,
             )
             kwargs.pop("max_length", None)
             kwargs["max_new_tokens"] = room
         return super().generate(inputs, generation_config, **kwargs)
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
-        # A static cache (`cache_implementation="static"`) must also hold the visual prefix, which
-        # generate() does not see in `input_ids`.
-        if model_kwargs.get("pixel_values") is not None:
-            max_cache_length += self.config.num_image_tokens
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
-
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
-        """generate() would turn the text's 2D mask into a 4D one for a static cache; `forward` builds
-        that itself (it alone knows the visual prefix), so the 2D mask passes through."""
+        """generate() would turn the 2D mask into a 4D one for a static cache; `forward` builds that itself
+        (`create_causal_mask`) and needs the 2D mask for the positions of a left-padded batch."""
         return attention_mask
 
     @can_return_tuple
@@ -502,6 +476,7 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         attention_mask: torch.LongTensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
@@ -513,7 +488,7 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         `return_dict=False` gives the output's fields that are set, as a tuple."""
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=use_cache, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
         hidden = outputs.last_hidden_state

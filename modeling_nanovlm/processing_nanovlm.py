@@ -69,12 +69,31 @@ def to_rgb(image, name="image", min_size: int | None = None) -> Image.Image:
 class NanoVLMProcessor(ProcessorMixin):
     """Turns images and/or text into `pixel_values`, `input_ids` and `attention_mask`.
 
-    Text is left-padded (what `generate()` needs); `batch_decode` drops special tokens.
+    With an image, a sample's ids are `num_image_tokens` `<image>` tokens, then `<bos>` and the text
+    (`<bos>` alone: "caption this image"); the model puts the image's features where the `<image>`
+    tokens are, as LLaVA does. Left-padded (what `generate()` needs) unless `padding_side="right"`;
+    `batch_decode` drops special tokens.
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=CHAT_TEMPLATE, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=CHAT_TEMPLATE, num_image_tokens=None,
+                 image_token="<image>", **kwargs):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.tokenizer.padding_side = "left"
+        self.num_image_tokens = num_image_tokens
+        self.image_token = image_token
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
+        if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
+            raise ValueError(
+                f"the tokenizer has no {image_token} token: a folder saved before NanoVLM wrote image tokens into input_ids; "
+                "convert it with `python -m modeling_nanovlm.convert_nanovlm_checkpoint FOLDER OUTPUT`"
+            )
+
+    def image_prompt_ids(self, text: list[str], **kwargs) -> list[list[int]]:
+        """Token ids of each text behind `num_image_tokens` `<image>` tokens: `<image>... <bos> text`."""
+        if not self.num_image_tokens:
+            raise ValueError("NanoVLMProcessor needs num_image_tokens (the model config's) to prepare images")
+        prefix = [self.image_token_id] * self.num_image_tokens
+        return [prefix + ids for ids in self.tokenizer(text, **kwargs)["input_ids"]]
 
     def __call__(self, images=None, text=None, return_tensors="pt", padding=True, **kwargs) -> BatchFeature:
         if images is None and text is None:
@@ -94,9 +113,15 @@ class NanoVLMProcessor(ProcessorMixin):
                 text = [""] * len(rgb)  # image-only captioning: the prompt is just <bos>
         if text is not None:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("images_kwargs", "text_kwargs")}
-            data.update(self.tokenizer(text, padding=padding, return_tensors=return_tensors, **kwargs))
-        if images is not None and "input_ids" in data and len(data["input_ids"]) != len(data["pixel_values"]):
-            raise ValueError(f"got {len(data['pixel_values'])} images but {len(data['input_ids'])} texts; pass one text per image")
+            if images is None:
+                data.update(self.tokenizer(text, padding=padding, return_tensors=return_tensors, **kwargs))
+            else:
+                text = [text] if isinstance(text, str) else list(text)
+                if len(text) != len(data["pixel_values"]):
+                    raise ValueError(f"got {len(data['pixel_values'])} images but {len(text)} texts; pass one text per image")
+                pad_kwargs = {k: kwargs.pop(k) for k in ("padding_side", "pad_to_multiple_of") if k in kwargs}
+                ids = self.image_prompt_ids(text, **kwargs)
+                data.update(self.tokenizer.pad({"input_ids": ids}, padding=padding, return_tensors=return_tensors, **pad_kwargs))
         return BatchFeature(data, tensor_type=return_tensors)
 
     def batch_decode(self, sequences, skip_special_tokens=True, **kwargs):

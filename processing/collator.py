@@ -11,9 +11,10 @@ from modeling_nanovlm import NanoVLMProcessor
 class NanoVLMCollator:
     """`[{"image": PIL, "text": str}, ...]` -> pixel_values, input_ids, attention_mask, labels.
 
-    Text becomes `<bos> text <eos>`, right-padded (the model then runs plain causal attention,
-    with no mask); labels are the input ids with -100 on pads, so the loss covers the caption and
-    its end. Texts longer than `max_length` tokens are cut (keeping `<eos>`).
+    A sample becomes `<image>... <bos> text <eos>` (the processor's image tokens), right-padded (the
+    model then runs plain causal attention, with no mask); labels are the input ids with -100 on the
+    image tokens, `<bos>` and pads, so the loss covers the caption and its end. Texts longer than
+    `max_length` tokens (with `<bos>` and `<eos>`) are cut, keeping `<eos>`.
     """
 
     processor: NanoVLMProcessor
@@ -22,12 +23,14 @@ class NanoVLMCollator:
     text_column: str = "text"
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        tokenizer = self.processor.tokenizer
-        ids = tokenizer([ex[self.text_column] for ex in examples])["input_ids"]
+        tokenizer, prefix = self.processor.tokenizer, self.processor.num_image_tokens
+        ids = self.processor.image_prompt_ids([ex[self.text_column] for ex in examples])
         if self.max_length is not None:
-            ids = [row[: self.max_length - 1] for row in ids]
+            ids = [row[: prefix + self.max_length - 1] for row in ids]
         ids = [row + [tokenizer.eos_token_id] for row in ids]
         batch = tokenizer.pad({"input_ids": ids}, padding_side="right", return_tensors="pt")
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        labels[:, : prefix + 1] = -100  # the image tokens and <bos>: inputs, never targets
+        batch["labels"] = labels
         batch["pixel_values"] = self.processor(images=[ex[self.image_column] for ex in examples])["pixel_values"]
         return dict(batch)

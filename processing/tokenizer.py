@@ -1,7 +1,8 @@
 """Train NanoVLM's byte-level BPE tokenizer with the `tokenizers` library.
 
-Special tokens have fixed ids that match `NanoVLMConfig`'s defaults: <pad>=0, <bos>=1, <eos>=2.
-The post-processor prepends <bos>, so tokenizing "" gives the captioning prompt [<bos>].
+Special tokens have fixed ids that match `NanoVLMConfig`'s defaults: <pad>=0, <bos>=1, <eos>=2,
+<image>=3 (the processor writes one per visual token before the text; the model puts the image
+features in their place). The post-processor prepends <bos>, so tokenizing "" gives [<bos>].
 Byte-level means every string round-trips: no unknown tokens, ever.
 """
 
@@ -10,7 +11,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<image>"]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 25000, min_frequency: int = 2) -> PreTrainedTokenizerFast:
@@ -41,6 +42,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 25000, min_frequency
         pad_token="<pad>",
         bos_token="<bos>",
         eos_token="<eos>",
+        extra_special_tokens={"image_token": "<image>"},
         padding_side="left",
         model_max_length=512,
     )

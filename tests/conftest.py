@@ -64,7 +64,8 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def processor(tokenizer):
-    return NanoVLMProcessor(ViTImageProcessorPil(size={"height": 32, "width": 32}), tokenizer)
+    return NanoVLMProcessor(ViTImageProcessorPil(size={"height": 32, "width": 32}), tokenizer,
+                            num_image_tokens=NanoVLMModelTester(tokenizer).get_config().num_image_tokens)
 
 
 @pytest.fixture(scope="session")

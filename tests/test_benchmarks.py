@@ -34,10 +34,11 @@ def test_peer_has_nanovlm_sizes_and_targets(tester, processor, images):
     assert gpt2.add_cross_attention
     batch = NanoVLMCollator(processor)([{"image": im, "text": t} for im, t in zip(images[:3], ["a b", "a red ball", "x"])])
     inputs = peer_inputs(batch)
-    # The peer reads <bos> text and predicts text <eos>: NanoVLM's decoder inputs and targets.
+    # The peer reads <bos> text and predicts text <eos>: NanoVLM's decoder inputs and targets after its image tokens.
+    text = batch["input_ids"][:, processor.num_image_tokens:]  # <bos> text <eos> (pads)
     decoder_ids = peer.prepare_decoder_input_ids_from_labels(inputs["labels"])
-    assert torch.equal(decoder_ids, batch["input_ids"][:, :-1])
-    assert torch.equal(inputs["labels"], batch["labels"][:, 1:])
+    assert torch.equal(decoder_ids, text[:, :-1])
+    assert torch.equal(inputs["labels"], batch["labels"][:, processor.num_image_tokens + 1:])
     assert peer(**inputs).loss.isfinite()
 
 
@@ -98,16 +99,16 @@ def test_benchmark_report_has_every_figure(tmp_path):
 
 
 def test_ablations_compare_variants_that_write_the_same_tokens(capsys):
-    """`python -m benchmarks.ablations generate`: the fused Q/K/V and key-mask variants it times must
-    generate exactly what the shipped model does, or their timings mean nothing."""
+    """`python -m benchmarks.ablations generate`: the fused Q/K/V variant it times must generate exactly
+    what the shipped model does, or its timings mean nothing."""
     from benchmarks import ablations
     from modeling_nanovlm import modeling_nanovlm as modeling
 
-    forward, key_mask = modeling.NanoVLMAttention.forward, modeling.NanoVLMModel._key_mask
+    forward = modeling.NanoVLMAttention.forward
     ablations.generate(rounds=1, new_tokens=4)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("batch")]
-    assert len(lines) == 6 and all(line.endswith("identical tokens: True") for line in lines), lines
-    assert modeling.NanoVLMAttention.forward is forward and modeling.NanoVLMModel._key_mask is key_mask  # restored
+    assert len(lines) == 4 and all(line.endswith("identical tokens: True") for line in lines), lines
+    assert modeling.NanoVLMAttention.forward is forward  # restored
 
 
 def test_allocation_splits_one_budget_and_sweeps_resumably(tmp_path, capsys):

@@ -162,3 +162,5 @@ def test_image_text_to_text_pipeline_continues_a_prefix(trained_dir):
     chat = [{"role": "user", "content": [{"type": "image", "image": toy_image(5)}, {"type": "text", "text": "I see"}]}]
     reply = vlm(text=chat, max_new_tokens=20)[0]["generated_text"][-1]
     assert reply["role"] == "assistant" and "I see" + reply["content"] == CAPTIONS[5]
+    image_only = [{"role": "user", "content": [{"type": "image", "image": toy_image(6)}]}]  # a chat with a picture, no text
+    assert vlm(text=image_only, max_new_tokens=20)[0]["generated_text"][-1]["content"] == CAPTIONS[6]

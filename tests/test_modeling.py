@@ -5,7 +5,7 @@ import torch
 from conftest import CAPTIONS
 
 from benchmarks.sizes import preset_sizes
-from modeling_nanovlm import PRESETS, NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMModel
+from modeling_nanovlm import PRESETS, NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMModel, NanoVLMProcessor
 from modeling_nanovlm.configuration_nanovlm import VISION_FEATURE_SELECTS
 from modeling_nanovlm.modeling_nanovlm import NanoVLMMLP
 
@@ -62,12 +62,18 @@ def test_config_round_trips(tmp_path):
 # --- forward ----------------------------------------------------------------------------------
 
 
+def processor_of(processor, model):
+    """The processor for `model`: as many <image> tokens as its config's visual tokens."""
+    return NanoVLMProcessor(processor.image_processor, processor.tokenizer, num_image_tokens=model.config.num_image_tokens)
+
+
 @pytest.mark.parametrize("select, tokens", [("cls", 1), ("pooled", 4), ("all", 17)])
-def test_forward_shapes_cover_text_positions_only(tester, processor, images, select, tokens):
+def test_forward_shapes_cover_image_and_text_positions(tester, processor, images, select, tokens):
     model = tester.get_model(vision_feature_select=select)
-    inputs = processor(images=images[:3], text=["I see", "A", "There is a green"])
+    inputs = processor_of(processor, model)(images=images[:3], text=["I see", "A", "There is a green"])
     out = model(**inputs)
     B, T = inputs["input_ids"].shape
+    assert (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist() == [tokens] * 3
     assert out.logits.shape == (B, T, model.config.vocab_size)
     assert out.image_hidden_states.shape == (B, tokens, model.config.hidden_size)
     assert model.config.num_image_tokens == tokens
@@ -179,6 +185,7 @@ def test_tied_embeddings_survive_save_and_load(tester, tmp_path):
 @pytest.mark.parametrize("select", VISION_FEATURE_SELECTS)
 def test_cached_uncached_and_static_cache_greedy_agree(tester, processor, images, select):
     model = tester.get_model(vision_feature_select=select)
+    processor = processor_of(processor, model)
     inputs = processor(images=images[:2], text=["I see", ""])  # left-padded
     kwargs = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12)
     cached = model.generate(**inputs, **kwargs)
@@ -195,7 +202,7 @@ def test_too_small_static_cache_says_so(tester, processor, images):
     from transformers import StaticCache
 
     model = tester.get_model()
-    cache = StaticCache(config=model.config, max_cache_len=4)  # fewer slots than the visual prefix
+    cache = StaticCache(config=model.config, max_cache_len=4)  # fewer slots than the image tokens and <bos>
     with pytest.raises(ValueError, match="larger max_cache_len"):
         model(**processor(images=images[:1]), cache=cache, use_cache=True)
 
@@ -267,18 +274,20 @@ def test_prompt_longer_than_position_table(tester):
     model = tester.get_model()
     ids = torch.ones(1, 70, dtype=torch.long)
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        model(input_ids=ids, pixel_values=torch.zeros(1, 3, 32, 32))
+        model(input_ids=ids)
 
 
 def test_missing_image_and_prompt(tester):
     model = tester.get_model()
-    with pytest.raises(ValueError, match="pixel_values.*input_ids"):
+    with pytest.raises(ValueError, match="needs input_ids"):
         model()
+    with pytest.raises(ValueError, match="with pixel_values, pass input_ids"):
+        model(inputs_embeds=torch.zeros(1, 5, model.config.hidden_size), pixel_values=torch.zeros(1, 3, 32, 32))
 
 
 def test_image_and_prompt_counts_must_match(tester):
     model = tester.get_model()
-    with pytest.raises(ValueError, match="one prompt per image"):
+    with pytest.raises(ValueError, match="input_ids hold 0 <image> tokens but 3 image"):
         model(input_ids=torch.ones(2, 3, dtype=torch.long), pixel_values=torch.zeros(3, 3, 32, 32))
 
 
@@ -293,7 +302,8 @@ def test_eager_and_sdpa_attention_give_the_same_logits_and_tokens(tester, proces
     for implementation in ("sdpa", "eager"):
         model.set_attn_implementation(implementation)
         assert model.config._attn_implementation == implementation
-        outputs[implementation] = (model(**padded).logits, model(**plain).logits,
+        real = padded["attention_mask"].bool()  # (pad positions hold no prediction: each kernel fills them its own way)
+        outputs[implementation] = (model(**padded).logits[real], model(**plain).logits,
                                    model.generate(**padded, max_new_tokens=6, do_sample=False))
     for sdpa, eager in zip(outputs["sdpa"], outputs["eager"]):
         torch.testing.assert_close(eager, sdpa, rtol=1e-4, atol=1e-5)
@@ -324,14 +334,14 @@ def test_output_flags_return_what_they_name(tester, processor, images):
     inputs = processor(images=images[:2], text=CAPTIONS[:2], padding_side="right")
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     out = model(**inputs, labels=labels, output_hidden_states=True, output_attentions=True)
-    config, prefix, text = model.config, model.config.num_image_tokens, inputs["input_ids"].shape[1]
+    config, length = model.config, inputs["input_ids"].shape[1]  # image tokens and text
     assert len(out.hidden_states) == config.num_hidden_layers + 1  # the embeddings, then each layer (the last normed)
-    assert all(h.shape == (2, prefix + text, config.hidden_size) for h in out.hidden_states)
+    assert all(h.shape == (2, length, config.hidden_size) for h in out.hidden_states)
     base = model.model(**inputs)
-    torch.testing.assert_close(out.hidden_states[-1][:, prefix:], base.last_hidden_state)
+    torch.testing.assert_close(out.hidden_states[-1], base.last_hidden_state)
     assert len(out.attentions) == config.num_hidden_layers
     for weights in out.attentions:  # (batch, heads, queries, keys): rows sum to 1, no query sees a later key
-        assert weights.shape == (2, config.num_attention_heads, prefix + text, prefix + text)
+        assert weights.shape == (2, config.num_attention_heads, length, length)
         torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
         assert weights.triu(1).abs().max() == 0
     assert model(**inputs).hidden_states is None and model(**inputs).attentions is None

@@ -95,9 +95,23 @@ def test_text_is_left_padded_with_bos(processor, tokenizer):
     assert ids[0, 0] == tokenizer.bos_token_id and (ids[mask == 0] == tokenizer.pad_token_id).all()
 
 
-def test_image_only_input_gets_bos_prompt(processor, tokenizer, images):
+def test_image_only_input_gets_image_tokens_then_bos(processor, tokenizer, images):
     out = processor(images=images[:3])
-    assert out["input_ids"].tolist() == [[tokenizer.bos_token_id]] * 3
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    assert processor.image_token_id == image and processor.num_image_tokens == 4
+    assert out["input_ids"].tolist() == [[image] * 4 + [tokenizer.bos_token_id]] * 3
+    assert out["attention_mask"].tolist() == [[1] * 5] * 3
+
+
+def test_image_tokens_come_before_the_prompt_and_padding_before_them(processor, tokenizer, images):
+    out = processor(images=images[:2], text=["I see a red ball", "A"])
+    image, bos, pad = tokenizer.convert_tokens_to_ids("<image>"), tokenizer.bos_token_id, tokenizer.pad_token_id
+    long, short = out["input_ids"].tolist()
+    assert long[:5] == [image] * 4 + [bos] and long[5:] == tokenizer("I see a red ball")["input_ids"][1:]
+    pads = len(long) - 6
+    assert short == [pad] * pads + [image] * 4 + [bos] + tokenizer("A")["input_ids"][1:]  # left padding
+    assert out["attention_mask"][1].tolist() == [0] * pads + [1] * 6
+    assert processor.batch_decode(out["input_ids"]) == ["I see a red ball", "A"]  # <image> is a special token
 
 
 def test_batch_decode_drops_special_tokens(processor, tokenizer):
