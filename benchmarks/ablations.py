@@ -68,14 +68,14 @@ def sdpa(rounds: int = 20):
         print(f"{label}: flash {best['flash'] * 1e3:.1f} ms, math {best['math'] * 1e3:.1f} ms, flash {best['math'] / best['flash']:.2f}x")
 
 
-def _fused_attention(self, hidden_states, attention_mask=None, cache=None):
+def _fused_attention(self, hidden_states, attention_mask=None, cache=None, output_attentions=False):
     B, T, C = hidden_states.shape
     q, k, v = F.linear(hidden_states, self.qkv_weight, self.qkv_bias).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx)
-    is_causal = self.is_causal and attention_mask is None and T > 1 and k.shape[2] == T
+    is_causal = self.is_causal and attention_mask is None and (cache is None or k.shape[2] == T)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal)
-    return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+    return self.o_proj(y.transpose(1, 2).reshape(B, T, C)), None
 
 
 def _key_mask_shortcut(attention_mask, past, T, num_prefix, _original=None):
@@ -108,8 +108,10 @@ def generate(rounds: int = 6, new_tokens: int = 30):
         def run(name, inputs=inputs, outputs=outputs):
             modeling.NanoVLMAttention.forward, modeling.NanoVLMModel._key_mask = variants[name][0], staticmethod(variants[name][1])
             outputs[name] = speed.timed_generate(model, inputs, new_tokens, 1, "cpu")[1]
-        best = best_of({name: (lambda name=name: run(name)) for name in variants}, rounds)
-        modeling.NanoVLMAttention.forward, modeling.NanoVLMModel._key_mask = plain_forward, staticmethod(plain_mask)
+        try:
+            best = best_of({name: (lambda name=name: run(name)) for name in variants}, rounds)
+        finally:  # the shipped attention back, whatever happened (a variant left in place would break every later caller)
+            modeling.NanoVLMAttention.forward, modeling.NanoVLMModel._key_mask = plain_forward, staticmethod(plain_mask)
         base = best["as shipped"]
         for name in variants:
             same = torch.equal(outputs[name], outputs["as shipped"])
