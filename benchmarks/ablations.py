@@ -100,7 +100,7 @@ def generate(rounds: int = 6, new_tokens: int = 30):
             outputs[name] = speed.timed_generate(model, inputs, new_tokens, 1, "cpu")[1]
         try:
             best = best_of({name: (lambda name=name: run(name)) for name in variants}, rounds)
-        finally:  # the shipped attention back, whatever happened
+        finally:  # the shipped attention back, whatever happened (a variant left in place would break every later caller)
             modeling.NanoVLMAttention.forward = plain_forward
         base = best["as shipped"]
         for name in variants:
