@@ -261,16 +261,19 @@ def test_missing_shared_data_is_said_clearly(tmp_path):
 @pytest.mark.timeout(1200)  # about 4.5 minutes alone on 2 cores; more when the CPU is shared
 def test_default_recipe_names_what_is_in_the_picture(tmp_path):
     """A short version of the default run (mini-112, per-token auxiliary loss, lr 5e-4, batch 16):
-    16,000 scenes, about 4.5 minutes on 2 cores. It measured recall 0.133 and CHAIR-i 0.73 on 100
-    validation scenes where the former default (mini at 224 pixels, pooled visual tokens, no
-    auxiliary loss) reached 0.034 after 20,000; the full default crosses 0.8 (docs/experiments.md)."""
+    16,000 scenes, about 4.5 minutes on 2 cores, on 100 validation scenes. Recall is still on its
+    steep rise here and depends on the initialisation: 0.077 and 0.160 with seeds 0 and 1 (CHAIR-i
+    0.83 / 0.76), where the former default (mini at 224 pixels, pooled visual tokens, no auxiliary
+    loss) reached 0.034 after 20,000; the shuffled-image loss gap, 0.34 / 0.35, says more steadily
+    that the decoder reads the picture. The full default crosses 0.8 (docs/experiments.md)."""
     out = tmp_path / "see"
     train.main(["--output_dir", str(out), "--num_train_examples", "16000", "--num_validation_examples", "100",
                 "--eval_strategy", "no", "--save_strategy", "no", "--num_sample_captions", "0",
                 "--disable_tqdm", "true", "--use_cpu"])
     result = metrics(out)
     assert result["train_examples_seen"] == 16000
-    assert result["grounding.object_recall"] >= 0.10, result
+    assert result["grounding.object_recall"] >= 0.05, result
+    assert result["image_use.image_gap"] >= 0.25, result  # a blind decoder scores 0
     assert result["grounding.chair_i"] <= 0.85, result
 
 
