@@ -7,6 +7,7 @@ image features, so the decoder's mask, positions and cache are the standard ones
 This file is shipped to the Hub as remote code: it imports only torch, transformers and stdlib.
 """
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -26,6 +27,10 @@ from .configuration_nanovlm import NanoVLMConfig
 
 logger = logging.get_logger(__name__)
 
+# transformers 5.24 renamed the cache argument of forward(), of the masking utilities and of the outputs that
+# generate() reads (past_key_values -> cache). The model takes either and answers in the installed version's name.
+CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
 
 @dataclass
 class NanoVLMModelOutput(ModelOutput):
@@ -33,7 +38,10 @@ class NanoVLMModelOutput(ModelOutput):
     embeddings, then each decoder layer's output (the last one normed); `attentions`: each layer's weights."""
 
     last_hidden_state: torch.FloatTensor | None = None
-    cache: Cache | None = None
+    if CACHE_NAME == "cache":
+        cache: Cache | None = None
+    else:
+        past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
@@ -43,7 +51,10 @@ class NanoVLMModelOutput(ModelOutput):
 class NanoVLMCausalLMOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    cache: Cache | None = None
+    if CACHE_NAME == "cache":
+        cache: Cache | None = None
+    else:
+        past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
@@ -242,6 +253,7 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     _supports_sdpa = True
+    _supports_flex_attn = True
     _supports_attention_backend = True  # kernels registered with transformers' AttentionInterface
     supports_gradient_checkpointing = True
     _no_split_modules = ["NanoVLMBlock"]
@@ -362,6 +374,7 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
     ) -> NanoVLMModelOutput:
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError(
                 "NanoVLM needs input_ids (or inputs_embeds): NanoVLMProcessor(images=..., text=...) writes the image's "
@@ -401,14 +414,14 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         right_padded = (attention_mask is not None and attention_mask.ndim == 2 and past == 0 and not torch.compiler.is_compiling()
                         and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()))
         mask = create_causal_mask(
-            config=self.config, inputs_embeds=inputs_embeds, attention_mask=None if right_padded else attention_mask, cache=cache,
-            position_ids=position_ids,
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=None if right_padded else attention_mask,
+            position_ids=position_ids, **{CACHE_NAME: cache},
         )
         hidden, all_hidden, attentions = self.language_model(inputs_embeds, position_ids, mask, cache, output_hidden_states,
                                                              output_attentions)
         return NanoVLMModelOutput(
             last_hidden_state=hidden,
-            cache=cache if use_cache else None,
+            **{CACHE_NAME: cache if use_cache else None},
             hidden_states=all_hidden,
             attentions=attentions,
             image_hidden_states=image_hidden_states,
@@ -461,7 +474,15 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
             )
             kwargs.pop("max_length", None)
             kwargs["max_new_tokens"] = room
-        return super().generate(inputs, generation_config, **kwargs)
+        try:
+            return super().generate(inputs, generation_config, **kwargs)
+        except Exception as error:  # torch's inductor fails to build flex's CPU decoding kernel (torch 2.13)
+            if self.config._attn_implementation == "flex_attention" and "Inductor" in type(error).__name__:
+                raise RuntimeError(
+                    f"flex attention's compiled kernel failed to build on {self.device.type} ({type(error).__name__}); "
+                    "generate with model.set_attn_implementation('sdpa'), which gives the same outputs"
+                ) from error
+            raise
 
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
         """generate() would turn the 2D mask into a 4D one for a static cache; `forward` builds that itself
@@ -486,6 +507,7 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
     ) -> NanoVLMCausalLMOutput:
         """`labels` align with `input_ids` (-100 = ignored); the loss is transformers' causal-LM loss.
         `return_dict=False` gives the output's fields that are set, as a tuple."""
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, cache=cache,
             inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=use_cache, output_attentions=output_attentions,
@@ -497,7 +519,7 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
         return NanoVLMCausalLMOutput(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            loss=loss, logits=logits, **{CACHE_NAME: outputs.get(CACHE_NAME)}, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
         )
 

@@ -186,3 +186,24 @@ def test_photos_peer_trains_both_sides_for_the_same_time_and_scores_them(tmp_pat
         assert len(side["samples_captions"]) == 4
         assert 0 <= side["cider_d"] and 0 <= side["bleu4"] <= 1
     assert nano["parameters"] != peer["parameters"] and "| nanovlm |" in (tmp_path / "peer.md").read_text()
+
+
+def test_revisions_times_a_git_revision_and_this_checkout_each_in_its_own_code(tmp_path, capsys):
+    """`python -m benchmarks.revisions --baseline HEAD`: the committed tree (git archive) and the working tree
+    take turns, each process importing its own tree's model code; the report has both sides' figures."""
+    from benchmarks import revisions
+
+    output = tmp_path / "revisions.json"
+    revisions.main(["--baseline", "HEAD", "--output", str(output), "--repeats", "2", "--batch_size", "4", "--train_steps", "1",
+                    "--train_seconds", "0", "--warmup_steps", "1", "--lengths", "3", "--generate_batch_sizes", "1", "4",
+                    "--generate_calls", "1", "1", "--tokenizer_texts", "200", "--threads", "1"])
+    report = json.loads(output.read_text())
+    assert report["baseline"] == "HEAD" and len(report["rounds"]["baseline"]) == len(report["rounds"]["current"]) == 2
+    assert "/baseline/modeling_nanovlm/" in report["rounds"]["baseline"][0]["code"]
+    assert report["rounds"]["current"][0]["code"].startswith(revisions.ROOT)
+    expected = {"train_samples_per_s"} | {f"generate_{side}_batch_{b}_tokens_3_captions_per_s" for side in ("nanovlm", "peer") for b in (1, 4)}
+    assert set(report["summary"]) == expected
+    for row in report["summary"].values():
+        assert row["baseline"] > 0 and row["current"] > 0 and row["noise"] >= 1.0
+        assert row["current_over_baseline"] == pytest.approx(row["current"] / row["baseline"])
+    assert "train_samples_per_s: baseline" in capsys.readouterr().out

@@ -1,12 +1,15 @@
 """Auto classes, remote code in a fresh process, both pipelines, and a tiny model that learns."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import CAPTIONS, toy_image
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
 
@@ -105,6 +108,7 @@ BLOCK_PROJECT = textwrap.dedent(
 )
 FRESH_PROCESS = BLOCK_PROJECT + textwrap.dedent(
     """
+    import transformers
     from PIL import Image
     from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
     path = {path!r}
@@ -115,14 +119,53 @@ FRESH_PROCESS = BLOCK_PROJECT + textwrap.dedent(
     out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     auto = AutoModel.from_pretrained(path, trust_remote_code=True).eval()  # the model card's own call
     captioner = pipeline("image-to-text", model=path, trust_remote_code=True)
-    print(json.dumps({{"tokens": out.tolist(), "module": type(model).__module__,
+    print(json.dumps({{"tokens": out.tolist(), "module": type(model).__module__, "transformers": transformers.__version__,
                       "auto_model_tokens": auto.generate(**inputs, max_new_tokens=20, do_sample=False).tolist(),
                       "pipeline": captioner({images!r}[0])}}))
     """
 )
 
 
-def test_fresh_process_loads_remote_code_and_gets_same_tokens(trained_dir, processor, tmp_path):
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def declared_transformers_range() -> tuple[str, str]:
+    """The oldest and the newest transformers minors that setup.cfg declares (`>=5.15,<5.25` -> 5.15, 5.24)."""
+    low, major, minor = re.search(r"transformers>=(\d+\.\d+),<(\d+)\.(\d+)", (ROOT / "setup.cfg").read_text()).groups()
+    return low, f"{major}.{int(minor) - 1}"
+
+
+@pytest.fixture(scope="session")
+def oldest_transformers_python():
+    """A Python whose environment has only torch, Pillow and the oldest transformers the project declares, in
+    `.venv-transformers-<minor>` at the repository root: built once (pip's cache keeps the wheels), reused after."""
+    oldest, _ = declared_transformers_range()
+    venv = ROOT / f".venv-transformers-{oldest}"
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", "import PIL, torch, transformers; print(transformers.__version__)"]
+    installed = subprocess.run(check, capture_output=True, text=True) if python.exists() else None
+    if installed is None or installed.returncode or not installed.stdout.startswith(oldest + "."):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        torch_version = torch.__version__.split("+")[0]  # the same torch: only transformers differs
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        for packages in ([f"torch=={torch_version}"], [f"transformers~={oldest}.0", "pillow"]):
+            result = subprocess.run(pip + packages, capture_output=True, text=True, timeout=1800)
+            assert result.returncode == 0, f"could not install {packages} into {venv}: {result.stderr[-2000:]}"
+    return python
+
+
+def test_declared_newest_transformers_is_the_one_installed():
+    """The suite runs on the newest transformers minor that setup.cfg allows; the oldest gets the Hub-code check."""
+    oldest, newest = declared_transformers_range()
+    assert transformers.__version__.startswith(newest + "."), (transformers.__version__, newest)
+    assert tuple(map(int, oldest.split("."))) <= tuple(map(int, newest.split(".")))
+
+
+@pytest.mark.parametrize("transformers_version", ["installed", "oldest declared"])
+def test_fresh_process_loads_remote_code_and_gets_same_tokens(trained_dir, processor, tmp_path, transformers_version, request):
+    """The folder's own code, in a process that cannot import the project, under the installed transformers and
+    under the oldest one setup.cfg declares (its own virtual environment), gives the same greedy tokens."""
+    python = sys.executable if transformers_version == "installed" else str(request.getfixturevalue("oldest_transformers_python"))
     path, model, _ = trained_dir
     files = []
     for i in range(3):
@@ -130,10 +173,15 @@ def test_fresh_process_loads_remote_code_and_gets_same_tokens(trained_dir, proce
         toy_image(i).save(files[-1])
     project = str(__import__("pathlib").Path(__file__).resolve().parents[1])
     script = FRESH_PROCESS.format(path=str(path), images=files, project=project)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = subprocess.run([python, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     assert remote["module"].startswith("transformers_modules.")
+    oldest, _ = declared_transformers_range()
+    if transformers_version == "installed":
+        assert remote["transformers"] == transformers.__version__
+    else:
+        assert remote["transformers"].startswith(oldest + ".")
     expected = model.generate(**processor(images=files), max_new_tokens=20, do_sample=False)
     assert remote["tokens"] == expected.tolist()
     assert remote["auto_model_tokens"] == expected.tolist()
