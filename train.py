@@ -241,14 +241,16 @@ def _hold_out(dataset, fraction, seed):
     return split["train"], split["test"]
 
 
-def build_processor(model_args: ModelArguments, texts, image_size: int, output_dir: str, resuming: bool = False) -> NanoVLMProcessor:
-    """Load the tokenizer (--tokenizer, the starting model's, or, when resuming, the one this run saved in
-    output_dir) or train one on `texts`."""
+def build_processor(model_args: ModelArguments, texts, image_size: int, output_dir: str, resume_from: str | None = None) -> NanoVLMProcessor:
+    """Load the tokenizer (--tokenizer, the starting model's, or, when resuming, the one the run saved in
+    output_dir or in the checkpoint `resume_from`, e.g. one downloaded from the Hub) or train one on `texts`."""
     source = model_args.tokenizer or model_args.model_name_or_path
-    if source is None and resuming:
-        if not os.path.exists(os.path.join(output_dir, "tokenizer.json")):
-            raise ValueError(f"--resume_from_checkpoint: {output_dir} has no tokenizer.json from the run to resume")
-        source = output_dir  # the tokenizer its checkpoints were trained with
+    if source is None and resume_from is not None:
+        saved = [d for d in (output_dir, resume_from) if os.path.exists(os.path.join(d, "tokenizer.json"))]
+        if not saved:
+            raise ValueError(f"--resume_from_checkpoint: neither {output_dir} nor {resume_from} has the tokenizer.json "
+                             "of the run to resume")
+        source = saved[0]  # the tokenizer its checkpoints were trained with
     if source is not None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     else:
@@ -609,7 +611,7 @@ def main(argv=None):
     os.makedirs(training_args.output_dir, exist_ok=True)
     with training_args.main_process_first(desc="data and tokenizer"):
         train, validation = load_splits(data_args, image_size, training_args.seed, bad)
-        processor = build_processor(model_args, train["text"], image_size, training_args.output_dir, resuming=resume is not None)
+        processor = build_processor(model_args, train["text"], image_size, training_args.output_dir, resume_from=resume)
         if training_args.process_index == 0:
             processor.save_pretrained(training_args.output_dir)
             with open(os.path.join(training_args.output_dir, "arguments.json"), "w") as f:  # for the model card
@@ -635,6 +637,7 @@ def main(argv=None):
         eval_dataset=validation,
         processing_class=processor,
         caption_eval=caption_eval,
+        callbacks=push_to_hub.checkpoint_pusher(training_args, hub_repo),  # --hub_strategy checkpoint: each save to the Hub
         **extra,
     )
     trainer.train(resume_from_checkpoint=resume)

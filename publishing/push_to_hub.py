@@ -26,7 +26,7 @@ from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 from publishing.model_card import model_card, write_model_card
 
@@ -157,6 +157,47 @@ def take_over_trainer_push(args: TrainingArguments) -> str | None:
         raise SystemExit(f"--push_to_hub: {err}") from None
     logger.info("will push to %s at %s when training ends", repo_id, constants.ENDPOINT)
     return repo_id
+
+
+class PushCheckpoints(TrainerCallback):
+    """`train.py --push_to_hub --hub_strategy checkpoint` (or `all_checkpoints`): after every save, the checkpoint
+    goes to the repo as `last-checkpoint/` (replacing the one before) or as `checkpoint-N/`, so a run that stops
+    can resume on another machine (`hf download REPO --include "last-checkpoint/*"`, then
+    `--resume_from_checkpoint`). As in the final push: not training_args.bin (it holds the token), every file
+    checked for the token. A failed upload is logged and training goes on; the final push reports its own."""
+
+    def __init__(self, repo_id: str, token: str | None, revision: str | None, strategy: str):
+        self.repo_id, self.token, self.revision, self.strategy = repo_id, _resolve_token(token), revision, strategy
+        self.pushed: list[str] = []  # path_in_repo of each checkpoint pushed
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "training_args.bin")
+        path_in_repo = "last-checkpoint" if self.strategy == "checkpoint" else folder.name
+        try:
+            _check_token_absent(self.token, {p.name: p.read_bytes() for p in files})
+            with _hub_errors(self.repo_id, self.token):
+                HfApi(token=self.token).upload_folder(
+                    repo_id=self.repo_id, folder_path=folder, path_in_repo=path_in_repo, allow_patterns=[p.name for p in files],
+                    delete_patterns=["*"] if path_in_repo == "last-checkpoint" else None, revision=self.revision,
+                    commit_message=f"Checkpoint at step {state.global_step}",
+                )
+        except PushError as err:
+            logger.warning("checkpoint %s was not pushed (training goes on): %s", folder.name, err)
+            return
+        self.pushed.append(path_in_repo)
+        logger.info("pushed %s to %s/%s", folder.name, self.repo_id, path_in_repo)
+
+
+def checkpoint_pusher(args: TrainingArguments, repo_id: str | None) -> list[TrainerCallback]:
+    """The callbacks for `--hub_strategy`: PushCheckpoints for checkpoint / all_checkpoints, none for end / every_save
+    (every_save would push the unfinished model's folder; train.py pushes the finished one at the end)."""
+    strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
+    if repo_id is None or strategy not in ("checkpoint", "all_checkpoints"):
+        return []
+    return [PushCheckpoints(repo_id, args.hub_token, args.hub_revision, strategy)]
 
 
 def push_after_training(args: TrainingArguments, repo_id: str) -> None:

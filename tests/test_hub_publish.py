@@ -210,3 +210,36 @@ def test_train_push_to_hub_fails_before_training_on_a_repo_it_cannot_write(hub, 
     assert result.returncode != 0
     assert "--push_to_hub: push to someone-else/nanovlm" in result.stderr and "cannot write to 'someone-else'" in result.stderr
     assert not out.exists() and TOKEN not in result.stdout + result.stderr
+
+
+def test_hub_strategy_checkpoint_pushes_each_save_and_another_machine_resumes_from_it(hub, tmp_path):
+    """`--push_to_hub --hub_strategy checkpoint`: every save replaces `last-checkpoint/` in the repo (without
+    training_args.bin, which holds the token); a second machine downloads it and resumes into a new folder."""
+    repo = "org/nanovlm-checkpoints"
+    common = [sys.executable, str(ROOT / "train.py"), *TINY_MODEL, *QUIET, "--num_train_examples", "64",
+              "--num_validation_examples", "8", "--per_device_train_batch_size", "16", "--eval_strategy", "no", "--use_cpu",
+              "--save_strategy", "steps", "--save_steps", "2"]
+    first = run([*common, "--output_dir", str(tmp_path / "first"), "--max_steps", "4", "--push_to_hub", "--hub_model_id", repo,
+                 "--hub_token", TOKEN, "--hub_strategy", "checkpoint"], hub_env(hub, tmp_path / "hf_home"))
+    assert first.returncode == 0, first.stderr[-4000:]
+    history = hub.git(repo, "log", "--format=%s", "main").splitlines()
+    assert history[1:3] == ["Checkpoint at step 4", "Checkpoint at step 2"]  # then the final push on top
+    files = set(hub.git(repo, "ls-tree", "-r", "--name-only", "main").split())
+    checkpoint = {f.split("/", 1)[1] for f in files if f.startswith("last-checkpoint/")}
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "tokenizer.json"} <= checkpoint
+    assert "training_args.bin" not in checkpoint and "model.safetensors" in files  # and the finished model at the top
+    state = json.loads(hub.git(repo, "show", "main:last-checkpoint/trainer_state.json"))
+    assert state["global_step"] == 4
+    assert TOKEN.encode() not in git_objects(hub, repo)
+
+    download = tmp_path / "downloaded"
+    fetch = run([sys.executable, "-c", "import sys; from huggingface_hub import snapshot_download; "
+                 f"snapshot_download({repo!r}, allow_patterns=['last-checkpoint/*'], local_dir=sys.argv[1])", str(download)],
+                hub_env(hub, tmp_path / "hf_home_2"))
+    assert fetch.returncode == 0, fetch.stderr[-2000:]
+    second = run([*common, "--output_dir", str(tmp_path / "second"), "--max_steps", "6",
+                  "--resume_from_checkpoint", str(download / "last-checkpoint")], hub_env(hub, tmp_path / "hf_home_2"))
+    assert second.returncode == 0, second.stderr[-4000:]
+    # it went on from step 4: the only checkpoint it wrote is step 6's (a fresh start would have saved 2 and 4 too)
+    assert sorted(p.name for p in (tmp_path / "second").glob("checkpoint-*")) == ["checkpoint-6"]
+    assert json.loads((tmp_path / "second" / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
