@@ -168,7 +168,6 @@ class PushCheckpoints(TrainerCallback):
 
     def __init__(self, repo_id: str, token: str | None, revision: str | None, strategy: str):
         self.repo_id, self.token, self.revision, self.strategy = repo_id, _resolve_token(token), revision, strategy
-        self.pushed: list[str] = []  # path_in_repo of each checkpoint pushed
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -187,7 +186,6 @@ class PushCheckpoints(TrainerCallback):
         except PushError as err:
             logger.warning("checkpoint %s was not pushed (training goes on): %s", folder.name, err)
             return
-        self.pushed.append(path_in_repo)
         logger.info("pushed %s to %s/%s", folder.name, self.repo_id, path_in_repo)
 
 

@@ -16,6 +16,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMModel, NanoVLMProcessor
 from processing.collator import NanoVLMCollator
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def overfit(model, processor, images, captions, steps=300, lr=3e-3, optimizer=None):
     """Full-batch AdamW on a handful of pairs (continuing `optimizer` when given); returns the losses."""
@@ -126,8 +128,6 @@ FRESH_PROCESS = BLOCK_PROJECT + textwrap.dedent(
 )
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def declared_transformers_range() -> tuple[str, str]:
     """The oldest and the newest transformers minors that setup.cfg declares (`>=5.15,<5.25` -> 5.15, 5.24)."""
@@ -171,8 +171,7 @@ def test_fresh_process_loads_remote_code_and_gets_same_tokens(trained_dir, proce
     for i in range(3):
         files.append(str(tmp_path / f"{i}.png"))
         toy_image(i).save(files[-1])
-    project = str(__import__("pathlib").Path(__file__).resolve().parents[1])
-    script = FRESH_PROCESS.format(path=str(path), images=files, project=project)
+    script = FRESH_PROCESS.format(path=str(path), images=files, project=str(ROOT))
     result = subprocess.run([python, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
