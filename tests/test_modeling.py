@@ -217,6 +217,21 @@ def test_cached_uncached_and_static_cache_greedy_agree(tester, processor, images
     assert torch.equal(model.generate(**text_only, **kwargs), model.generate(**text_only, cache_implementation="static", **kwargs))
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_forward_in_chunks_over_a_cache_gives_the_full_forwards_logits(tester, processor, images, implementation):
+    """Several new tokens after cached ones need a causal mask; one new token, or none cached, needs none."""
+    model = tester.get_model()
+    model.set_attn_implementation(implementation)
+    inputs = processor(images=images[:1], text=[CAPTIONS[0]])
+    ids, n = inputs["input_ids"], model.config.num_image_tokens
+    full = model(**inputs).logits
+    cache = model(input_ids=ids[:, : n + 1], pixel_values=inputs["pixel_values"], use_cache=True).past_key_values
+    chunk = model(input_ids=ids[:, n + 1 : -1], past_key_values=cache, use_cache=True)
+    last = model(input_ids=ids[:, -1:], past_key_values=chunk.past_key_values, use_cache=True)
+    torch.testing.assert_close(chunk.logits, full[:, n + 1 : -1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(last.logits, full[:, -1:], atol=1e-5, rtol=1e-4)
+
+
 def test_too_small_static_cache_says_so(tester, processor, images):
     from transformers import StaticCache
 
