@@ -71,7 +71,8 @@ DEFAULTS = {
 
 @dataclass
 class ModelArguments:
-    preset: str = field(default="mini-112", metadata={"help": "the paper's mini, base or large, or ours: mini-112, base-112, large-112"})
+    preset: str = field(default="mini-112", metadata={"help": "the paper's mini, base or large, or ours: mini-112, base-112, "
+                                                              "large-112, or the decoder-heavy mini-112-dec, base-112-dec"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "start from a saved NanoVLM folder"})
     vision_feature_select: str | None = field(default=None, metadata={"help": "visual tokens: cls, pooled or all (default: the preset's)"})
     image_size: int | None = field(default=None, metadata={"help": "input resolution (default: the preset's)"})

@@ -65,6 +65,9 @@ class AllocationArguments:
     output: str = field(default="allocation.json", metadata={"help": "JSON results; the .md table and .png plot go next to it"})
     output_root: str = field(default="outputs/allocation", metadata={"help": "where each run's folder goes"})
     dry_run: bool = field(default=False, metadata={"help": "print the configurations and stop"})
+    step_times: bool = field(default=False, metadata={"help": "instead of training: time a training step of each split and of "
+                                                              "the preset itself (writes OUTPUT's *_step_times.json)"})
+    step_rounds: int = field(default=3, metadata={"help": "--step_times: rounds over the configurations; each keeps its fastest step"})
 
 
 def allocate(preset: str, vocab_size: int, shares) -> tuple[int, list[dict]]:
@@ -203,6 +206,61 @@ def plot(summary: list[dict], rows: list[dict], data: str, path: str, title: str
     plt.close(fig)
 
 
+def step_times(args: AllocationArguments, preset: str, vocab_size: int, budget: int, splits: list[dict], tokenizer_dir: str,
+               argv) -> dict:
+    """What each split costs per second: one training step (forward, backward, AdamW) of the recipe's batch of
+    training scenes, one thread, for every split and the preset itself, in turns; each keeps its fastest of
+    `step_rounds` rounds of 5 steps. Photos runs see shorter captions than scenes, so this is their cost
+    at scene length."""
+    import time
+
+    import torch
+
+    import train
+    from benchmarks.speed import fixed_batch
+    from modeling_nanovlm import NanoVLMForConditionalGeneration
+
+    recipe = SCENES_RECIPE if args.data == "scenes" else PHOTOS_RECIPE
+    model_args, _, training_args = train.parse_args(["--preset", preset, "--tokenizer", tokenizer_dir])
+    batch_size = recipe.get("per_device_train_batch_size", training_args.per_device_train_batch_size)
+    processor = train.build_processor(model_args, [], train.image_size_of(model_args), tokenizer_dir)
+    batch = fixed_batch(processor, batch_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    configs = {f"{s['share']:.1%}": dict(vision_hidden_size=s["vision_hidden_size"], hidden_size=s["hidden_size"]) for s in splits}
+    configs[preset] = {}
+    best = {name: float("inf") for name in configs}
+    try:
+        for _ in range(args.step_rounds):
+            for name, overrides in configs.items():
+                torch.manual_seed(0)
+                config = NanoVLMConfig.from_preset(preset, vocab_size=vocab_size, **overrides)
+                model = NanoVLMForConditionalGeneration(config).train()
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                for i in range(7):  # 2 warm-up steps, 5 timed
+                    start = time.perf_counter()
+                    model(**batch).loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    if i >= 2:
+                        best[name] = min(best[name], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    reference = best[preset]
+    rows = [{"config": name, **overrides, "step_seconds": best[name], "over_preset": best[name] / reference}
+            for name, overrides in configs.items()]
+    report = {"command": "python -m benchmarks.allocation " + " ".join(argv or []), "cpus": os.cpu_count(), "threads": 1,
+              "budget_preset": preset, "vocab_size": vocab_size, "budget": budget, "batch_size": batch_size,
+              "batch": "training scenes (benchmarks.speed.fixed_batch)", "rows": rows}
+    path = os.path.splitext(args.output)[0] + "_step_times.json"
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(markdown_table(("encoder share", "vision / decoder width", f"seconds a step of {batch_size}", f"over {preset}"),
+                         [(r["config"], f"{r.get('vision_hidden_size', '-')} / {r.get('hidden_size', '-')}",
+                           f"{r['step_seconds']:.3f}", f"{r['over_preset']:.2f}x") for r in rows]))
+    return report
+
+
 def main(argv=None):
     (args,) = HfArgumentParser(AllocationArguments).parse_args_into_dataclasses(args=argv)
     if args.budget not in BUDGET_PRESETS:
@@ -220,6 +278,9 @@ def main(argv=None):
         logger.info("share %.0f%%: vision width %d, decoder width %d -> %.1f%% of %s", s["target_share"] * 100,
                     s["vision_hidden_size"], s["hidden_size"], s["share"] * 100, f"{s['total']:,}")
     if args.dry_run:
+        return
+    if args.step_times:
+        step_times(args, preset, vocab_size, budget, splits, tokenizer_dir, argv)
         return
     rows = []
     base, _ = os.path.splitext(args.output)

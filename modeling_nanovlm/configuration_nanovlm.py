@@ -36,6 +36,16 @@ SEEING_PRESETS = {
     f"{name}-112": dict(PRESETS[name], image_size=112, vision_feature_select="all", hidden_dropout=0.0)
     for name in ("mini", "base", "large")
 }
+# The same totals with ~30% of the parameters in the vision tower instead of 78-85% (the widths moved, the
+# depths kept; shares with a ~500-token scene tokenizer: 30.5% of 2.64M and of 11.3M). Per parameter and per
+# training sample they learn more: lower validation loss at both budgets, higher object recall at ~11M, more
+# image use on photos (`python -m benchmarks.allocation`, docs/experiments.md "Where should the parameters
+# go?"). Per second they cost more: a training step takes ~1.35x as long, and in the default run's time the
+# mini one names fewer objects, so train.py keeps mini-112. For when parameters, not time, are the budget.
+SEEING_PRESETS |= {
+    "mini-112-dec": dict(SEEING_PRESETS["mini-112"], vision_hidden_size=240, hidden_size=184),
+    "base-112-dec": dict(SEEING_PRESETS["base-112"], vision_hidden_size=304, hidden_size=280),
+}
 
 VISION_FEATURE_SELECTS = ("cls", "pooled", "all")
 
@@ -157,7 +167,7 @@ class NanoVLMConfig(PreTrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "NanoVLMConfig":
         """A config for one of the paper's presets (`mini`, `base`, `large`) or ours (`mini-112`,
-        `base-112`, `large-112`), with field overrides."""
+        `base-112`, `large-112`, and the decoder-heavy `mini-112-dec`, `base-112-dec`), with field overrides."""
         presets = {**PRESETS, **SEEING_PRESETS}
         if name not in presets:
             raise ValueError(f"preset must be one of {sorted(presets)}, got {name!r}")

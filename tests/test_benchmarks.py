@@ -111,6 +111,37 @@ def test_ablations_compare_variants_that_write_the_same_tokens(capsys):
     assert modeling.NanoVLMAttention.forward is forward  # restored
 
 
+@pytest.mark.parametrize("name", ["mini-112", "base-112"])
+def test_decoder_heavy_presets_hold_the_same_total_with_30_percent_in_the_vision_tower(name):
+    """`-dec` is the allocation sweep's best split at the preset's total: the encoder share it measured (30.5%)."""
+    from benchmarks import allocation
+    from benchmarks.sizes import part_sizes
+    from modeling_nanovlm import NanoVLMConfig
+
+    budget, splits = allocation.allocate(name, 511, allocation.SHARES)
+    heavy = part_sizes(NanoVLMConfig.from_preset(f"{name}-dec", vocab_size=511))
+    assert abs(heavy["total"] / budget - 1) <= 0.02
+    assert heavy["vision"] / heavy["total"] == pytest.approx(0.305, abs=0.01)
+    lightest = min(splits, key=lambda s: s["share"])  # the sweep's 30% point is this very config
+    assert (NanoVLMConfig.from_preset(f"{name}-dec").vision_hidden_size, NanoVLMConfig.from_preset(f"{name}-dec").hidden_size) == (
+        lightest["vision_hidden_size"], lightest["hidden_size"])
+
+
+def test_allocation_step_times_time_every_split_and_the_preset(tmp_path, capsys):
+    from benchmarks import allocation
+
+    out = tmp_path / "alloc.json"
+    allocation.main(["--step_times", "true", "--step_rounds", "1", "--shares", "0.3", "0.85", "--num_train_examples", "200",
+                     "--output", str(out), "--output_root", str(tmp_path / "runs")])
+    report = json.loads((tmp_path / "alloc_step_times.json").read_text())
+    shares = [float(r["config"].rstrip("%")) for r in report["rows"][:2]]
+    assert abs(shares[0] - 30) < 1 and abs(shares[1] - 85) < 1 and report["rows"][2]["config"] == "mini-112"
+    assert report["batch_size"] == 16  # train.py's default batch
+    assert all(r["step_seconds"] > 0 for r in report["rows"]) and report["rows"][-1]["over_preset"] == 1.0
+    assert not list((tmp_path / "runs" / "recipes").glob("*.json"))  # nothing trained
+    assert f"| {report['rows'][0]['config']} | {report['rows'][0]['vision_hidden_size']} / " in capsys.readouterr().out
+
+
 def test_allocation_splits_one_budget_and_sweeps_resumably(tmp_path, capsys):
     from benchmarks import allocation
 
