@@ -238,3 +238,23 @@ def test_revisions_times_a_git_revision_and_this_checkout_each_in_its_own_code(t
         assert row["baseline"] > 0 and row["current"] > 0 and row["noise"] == 1.0  # one round a side: no spread
         assert row["current_over_baseline"] == pytest.approx(row["current"] / row["baseline"])
     assert "train_samples_per_s: baseline" in capsys.readouterr().out
+
+
+def test_progress_lines_up_runs_by_step_and_says_when_a_run_has_no_evaluations(tmp_path, capsys):
+    from benchmarks import progress
+
+    for name, rows in {"a": [(1000, 0.1), (2000, 0.2), (2000, 0.25)], "b": [(1000, 0.3)]}.items():  # a resumed run logs 2000 twice
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "samples.jsonl").write_text("".join(
+            json.dumps({"step": step, "captions": ["x"], "eval_cider_d": value, "eval_image_gap": value / 2}) + "\n"
+            for step, value in rows))
+    out = tmp_path / "progress.json"
+    progress.main([str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(out), "--step_cost", "1", "1.3"])
+    report = json.loads(out.read_text())
+    assert report["metrics"] == ["eval_cider_d", "eval_image_gap"]
+    assert report["steps"] == [{"step": 1000, "a.eval_cider_d": 0.1, "b.eval_cider_d": 0.3, "a.eval_image_gap": 0.05, "b.eval_image_gap": 0.15},
+                               {"step": 2000, "a.eval_cider_d": 0.25, "b.eval_cider_d": None, "a.eval_image_gap": 0.125, "b.eval_image_gap": None}]
+    assert "| 2000 | 0.250 |  | 0.125 |  |" in capsys.readouterr().out
+    assert (tmp_path / "progress.png").stat().st_size > 0
+    with pytest.raises(FileNotFoundError, match="samples.jsonl does not exist"):
+        progress.main([str(tmp_path), "--output", str(out)])
