@@ -20,6 +20,7 @@ stopped and started again. The JSON, a markdown table and a PNG (share on x) are
 import json
 import logging
 import os
+import shutil
 import statistics
 from dataclasses import dataclass, field
 
@@ -110,7 +111,12 @@ def shared_tokenizer(data: str, folder: str, num_train_examples: int) -> int:
                 raise ValueError(f"--data photos needs Flickr8k at {FLICKR8K} (COCO captions layout); it is not there")
             texts = load_coco_captions(PHOTOS_RECIPE["caption_file"], PHOTOS_RECIPE["image_dir"])["text"]
             vocab = PHOTOS_VOCAB
-        train_tokenizer(texts, vocab_size=vocab).save_pretrained(folder)
+        staging = f"{folder}.{os.getpid()}"  # sweeps started side by side (one per core) may both train it: one folder wins
+        train_tokenizer(texts, vocab_size=vocab).save_pretrained(staging)
+        try:
+            os.rename(staging, folder)
+        except OSError:  # the other sweep's is there: the same texts gave the same tokenizer
+            shutil.rmtree(staging)
     with open(os.path.join(folder, "tokenizer.json")) as f:
         return len(json.load(f)["model"]["vocab"])
 
