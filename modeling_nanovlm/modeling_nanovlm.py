@@ -517,7 +517,6 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         attention_mask: torch.LongTensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
@@ -526,8 +525,13 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> NanoVLMCausalLMOutput:
         """`labels` align with `input_ids` (-100 = ignored); the loss is transformers' causal-LM loss.
-        `return_dict=False` gives the output's fields that are set, as a tuple."""
+        `return_dict=False` gives the output's fields that are set, as a tuple.
+
+        `position_ids` may be passed as a keyword; by default they come from the attention mask and the cache
+        (what `generate()` would compute). It is left out of the signature so that `generate()` does not build,
+        grow and slice them at every step (~1.5 ms of a 41 ms caption at batch 1)."""
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        position_ids = kwargs.pop("position_ids", None)
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, cache=cache,
             inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=use_cache, output_attentions=output_attentions,

@@ -230,6 +230,11 @@ def test_forward_in_chunks_over_a_cache_gives_the_full_forwards_logits(tester, p
     last = model(input_ids=ids[:, -1:], past_key_values=chunk.past_key_values, use_cache=True)
     torch.testing.assert_close(chunk.logits, full[:, n + 1 : -1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(last.logits, full[:, -1:], atol=1e-5, rtol=1e-4)
+    # position_ids given as a keyword are used (here: shifted by one, so the logits change)
+    shifted = model(**inputs, position_ids=torch.arange(1, ids.shape[1] + 1)[None]).logits
+    same = model(**inputs, position_ids=torch.arange(ids.shape[1])[None]).logits
+    torch.testing.assert_close(same, full)
+    assert not torch.allclose(shifted, full, atol=1e-3)
 
 
 def test_too_small_static_cache_says_so(tester, processor, images):
