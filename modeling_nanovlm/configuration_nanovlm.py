@@ -40,8 +40,8 @@ SEEING_PRESETS = {
 # depths kept; shares with a ~500-token scene tokenizer: 30.5% of 2.64M and of 11.3M). Per parameter and per
 # training sample they learn more: lower validation loss at both budgets, higher object recall at ~11M, more
 # image use on photos (`python -m benchmarks.allocation`, docs/experiments.md "Where should the parameters
-# go?"). Per second they cost more: a training step takes ~1.35x as long, and in the default run's time the
-# mini one names fewer objects, so train.py keeps mini-112. For when parameters, not time, are the budget.
+# go?"). Per second they cost more: a training step takes ~1.35x as long, and in equal training time both
+# name fewer objects than mini-112 / base-112, which stay the defaults. For when parameters, not time, are the budget.
 SEEING_PRESETS |= {
     "mini-112-dec": dict(SEEING_PRESETS["mini-112"], vision_hidden_size=240, hidden_size=184),
     "base-112-dec": dict(SEEING_PRESETS["base-112"], vision_hidden_size=304, hidden_size=280),
