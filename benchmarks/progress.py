@@ -11,15 +11,14 @@ the first) the plot's x axis becomes training time instead.
 """
 
 import json
-import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
 from evaluation.report import markdown_table
 
-logger = logging.getLogger(__name__)
 SKIP = {"step", "captions"}
 
 
@@ -82,7 +81,8 @@ def plot(report: dict, path: str, step_cost: list[float]):
         for name in names:
             points = [(row["step"] * cost.get(name, 1.0), row[f"{name}.{metric}"]) for row in report["steps"]
                       if row[f"{name}.{metric}"] is not None]
-            ax.plot(*zip(*points), "o-", ms=3, label=name) if points else None
+            if points:
+                ax.plot(*zip(*points), "o-", ms=3, label=name)
         ax.set_title(metric.removeprefix("eval_"))
         ax.set_xlabel("training time (first run's steps)" if cost else "step")
         ax.grid(alpha=0.3)
@@ -101,7 +101,7 @@ def main(argv=None):
     if len(names) != len(folders) or (args.step_cost and len(args.step_cost) != len(folders)):
         raise SystemExit("--names and --step_cost take one value per run folder")
     report = progress(folders, names, args.metrics)
-    report["command"] = "python -m benchmarks.progress " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    report["command"] = "python -m benchmarks.progress " + " ".join(sys.argv[1:] if argv is None else argv)
     report["step_cost"] = args.step_cost or None
     base, _ = os.path.splitext(args.output)
     with open(args.output, "w") as f:

@@ -119,12 +119,12 @@ def test_decoder_heavy_presets_hold_the_same_total_with_30_percent_in_the_vision
     from modeling_nanovlm import NanoVLMConfig
 
     budget, splits = allocation.allocate(name, 511, allocation.SHARES)
-    heavy = part_sizes(NanoVLMConfig.from_preset(f"{name}-dec", vocab_size=511))
+    config = NanoVLMConfig.from_preset(f"{name}-dec", vocab_size=511)
+    heavy = part_sizes(config)
     assert abs(heavy["total"] / budget - 1) <= 0.02
     assert heavy["vision"] / heavy["total"] == pytest.approx(0.305, abs=0.01)
     lightest = min(splits, key=lambda s: s["share"])  # the sweep's 30% point is this very config
-    assert (NanoVLMConfig.from_preset(f"{name}-dec").vision_hidden_size, NanoVLMConfig.from_preset(f"{name}-dec").hidden_size) == (
-        lightest["vision_hidden_size"], lightest["hidden_size"])
+    assert (config.vision_hidden_size, config.hidden_size) == (lightest["vision_hidden_size"], lightest["hidden_size"])
 
 
 def test_allocation_step_times_time_every_split_and_the_preset(tmp_path, capsys):
