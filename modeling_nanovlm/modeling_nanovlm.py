@@ -79,10 +79,17 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling: 
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+def attention_function(config: NanoVLMConfig, output_attentions: bool = False):
+    """The kernel transformers' attention-function registry holds for `config._attn_implementation` ("sdpa" by
+    default, or "eager", or one registered with `AttentionInterface.register`); eager when the weights are wanted,
+    the one that has them. A tower looks it up once per forward and hands it to its layers."""
+    implementation = "eager" if output_attentions else config._attn_implementation
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
 class NanoVLMAttention(nn.Module):
-    """Multi-head attention, causal or bidirectional, through transformers' attention-function registry:
-    `config._attn_implementation` ("sdpa" by default, or "eager", or one registered with
-    `AttentionInterface.register`) picks the kernel; `output_attentions` uses eager, the one that has weights."""
+    """Multi-head attention, causal or bidirectional, with a kernel from `attention_function` (the config's by
+    default)."""
 
     def __init__(self, hidden_size: int, num_heads: int, config: NanoVLMConfig, is_causal: bool, layer_idx=None):
         super().__init__()
@@ -98,7 +105,7 @@ class NanoVLMAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.o_proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, output_attentions: bool = False):
+    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, attention=None):
         B, T, C = hidden_states.shape
         shape = (B, T, self.num_heads, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, nh, T, hs)
@@ -110,9 +117,8 @@ class NanoVLMAttention(nn.Module):
         # queries and keys line up (no cache, or a cache that was empty). A plain bool without a cache, so that
         # torch.export with a dynamic length can trace it.
         is_causal = self.is_causal and attention_mask is None and (cache is None or k.shape[2] == T)
-        implementation = "eager" if output_attentions else self.config._attn_implementation
         dropout = self.dropout if self.training else 0.0
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attention = attention or attention_function(self.config)
         if attention is sdpa_attention_forward:  # what it does for these heads, without its ~15 us of Python a call
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=self.scaling,
                                                is_causal=is_causal and T > 1).transpose(1, 2)
@@ -145,9 +151,9 @@ class NanoVLMBlock(GradientCheckpointingLayer):
         self.mlp = NanoVLMMLP(hidden_size, intermediate_size, config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, attention_mask=None, cache=None, output_attentions: bool = False):
-        """The new hidden states, and the attention weights when `output_attentions` (else None)."""
-        attended, weights = self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache, output_attentions)
+    def forward(self, hidden_states, attention_mask=None, cache=None, attention=None):
+        """The new hidden states, and the attention weights when the kernel gives them (eager; else None)."""
+        attended, weights = self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache, attention)
         hidden_states = hidden_states + self.dropout(attended)
         return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states))), weights
 
@@ -189,6 +195,7 @@ class NanoVLMVisionModel(nn.Module):
 
     def __init__(self, config: NanoVLMConfig):
         super().__init__()
+        self.config = config
         self.embeddings = NanoVLMVisionEmbeddings(config)
         self.layers = nn.ModuleList(
             NanoVLMBlock(
@@ -201,8 +208,9 @@ class NanoVLMVisionModel(nn.Module):
 
     def forward(self, pixel_values):
         hidden_states = self.embeddings(pixel_values)
+        attention = attention_function(self.config)
         for layer in self.layers:
-            hidden_states = layer(hidden_states)[0]
+            hidden_states = layer(hidden_states, attention=attention)[0]
         return self.post_layernorm(hidden_states)
 
 
@@ -216,6 +224,7 @@ class NanoVLMTextModel(nn.Module):
 
     def __init__(self, config: NanoVLMConfig):
         super().__init__()
+        self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout)
@@ -229,15 +238,16 @@ class NanoVLMTextModel(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None, output_hidden_states=False,
-                output_attentions=False):
+                output_attentions=False, attention=None):
         """(final hidden states, every layer's input and the final ones when asked, every layer's attention weights
-        when asked)."""
+        when asked). `attention`: the kernel, from `attention_function` (looked up here when not given)."""
+        attention = attention or attention_function(self.config, output_attentions)
         hidden_states = self.dropout(inputs_embeds + self.embed_positions(position_ids))
         all_hidden, all_attentions = (), ()
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden += (hidden_states,)
-            hidden_states, weights = layer(hidden_states, attention_mask, cache, output_attentions)
+            hidden_states, weights = layer(hidden_states, attention_mask, cache, attention)
             if output_attentions:
                 all_attentions += (weights,)
         hidden_states = self.norm(hidden_states)
@@ -345,10 +355,13 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
     def _check_input_ids(self, input_ids):
         if torch.compiler.is_compiling():  # a data-dependent branch: torch.export / compile cannot trace it
             return
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+        if not input_ids.numel():
+            return
+        low, high = (int(value) for value in torch.aminmax(input_ids))  # one reduction (this runs every decoding step)
+        if low < 0 or high >= self.config.vocab_size:
             raise ValueError(
                 f"input_ids must be in [0, {self.config.vocab_size}) (the vocabulary size), got values in "
-                f"[{int(input_ids.min())}, {int(input_ids.max())}]; was the text tokenized with this model's processor?"
+                f"[{low}, {high}]; was the text tokenized with this model's processor?"
             )
 
     def get_placeholder_mask(self, input_ids, image_features):
@@ -363,12 +376,13 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
             )
         return mask.unsqueeze(-1)
 
-    def _plain_causal(self, kv_length: int, past: int, T: int) -> bool:
+    @staticmethod
+    def _plain_causal(attention, kv_length: int, past: int, T: int) -> bool:
         """Whether attention needs no mask for an unpadded batch: a kernel that applies causality itself (sdpa,
         eager), queries that are all the keys (no cache, or an empty one) or one new token after them, and a cache
         holding exactly the keys written so far (not a static cache's unwritten slots). Skips building a mask on
         every decoding step."""
-        if self.config._attn_implementation not in ("sdpa", "eager") or (past and T > 1):  # new tokens after cached ones
+        if attention not in (sdpa_attention_forward, eager_attention_forward) or (past and T > 1):  # new tokens after cached ones
             return False
         return kv_length == past + T
 
@@ -430,7 +444,8 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         # causal attention never lets a real token see one, and the kernel runs its fast causal path.
         right_padded = (padded and attention_mask.ndim == 2 and past == 0 and not compiling
                         and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()))
-        if not padded and not compiling and self._plain_causal(kv_length, past, T):
+        attention = attention_function(self.config, output_attentions)
+        if not padded and not compiling and self._plain_causal(attention, kv_length, past, T):
             mask = None  # what create_causal_mask gives sdpa here; eager and sdpa make it causal (is_causal) themselves
         else:
             mask = create_causal_mask(
@@ -438,7 +453,7 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
                 position_ids=position_ids, **{CACHE_NAME: cache},
             )
         hidden, all_hidden, attentions = self.language_model(inputs_embeds, position_ids, mask, cache, output_hidden_states,
-                                                             output_attentions)
+                                                             output_attentions, attention)
         return NanoVLMModelOutput(
             last_hidden_state=hidden,
             **{CACHE_NAME: cache if use_cache else None},
