@@ -4,7 +4,8 @@ A random resized crop (most of the photo stays in view), a horizontal flip that 
 "right" in the caption (and its references), and brightness / contrast / saturation jitter with no
 hue shift: captions name colours, so a red shirt must stay red. Pure PIL, applied per example in
 the collator; evaluation never augments, so train and evaluation preprocessing are otherwise the
-same processor call.
+same processor call. In DataLoader workers each worker draws from its own generator (seeded by
+torch's per-worker seed), not from a copy of the main process's.
 """
 
 import random
@@ -12,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from PIL import Image, ImageEnhance, ImageOps
+from torch.utils.data import get_worker_info
 
 _SIDES = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
@@ -46,29 +48,39 @@ class CaptionAugment:
 
     def __post_init__(self):
         self.rng = random.Random(self.seed)
+        self._worker_seed = None
+
+    @property
+    def _random(self) -> random.Random:
+        """The main process's generator, or in a DataLoader worker one of its own: a forked copy of
+        the main one would give every worker the same crops, flips and jitter."""
+        worker = get_worker_info()
+        if worker is not None and worker.seed != self._worker_seed:
+            self._worker_seed, self.rng = worker.seed, random.Random(worker.seed)
+        return self.rng
 
     def crop(self, image: Image.Image) -> Image.Image:
-        width, height = image.size
+        width, height, rng = *image.size, self._random
         for _ in range(10):  # torchvision's RandomResizedCrop: try a few draws, else keep the whole photo
-            area = width * height * self.rng.uniform(*self.scale)
-            aspect = self.rng.uniform(*self.ratio)
+            area = width * height * rng.uniform(*self.scale)
+            aspect = rng.uniform(*self.ratio)
             w, h = round((area * aspect) ** 0.5), round((area / aspect) ** 0.5)
             if 0 < w <= width and 0 < h <= height:
-                left, top = self.rng.randint(0, width - w), self.rng.randint(0, height - h)
+                left, top = rng.randint(0, width - w), rng.randint(0, height - h)
                 return image.crop((left, top, left + w, top + h))
         return image
 
     def __call__(self, image: Image.Image, texts: list[str]) -> tuple[Image.Image, list[str]]:
-        image = self.crop(image.convert("RGB"))
-        if self.rng.random() < self.flip:
+        image, rng = self.crop(image.convert("RGB")), self._random
+        if rng.random() < self.flip:
             image = ImageOps.mirror(image)
             texts = [swap_left_right(t) for t in texts]
         jitters = [(ImageEnhance.Brightness, self.brightness), (ImageEnhance.Contrast, self.contrast),
                    (ImageEnhance.Color, self.saturation)]
-        self.rng.shuffle(jitters)
+        rng.shuffle(jitters)
         for enhancer, strength in jitters:
             if strength:
-                image = enhancer(image).enhance(self.rng.uniform(1 - strength, 1 + strength))
+                image = enhancer(image).enhance(rng.uniform(1 - strength, 1 + strength))
         return image, texts
 
     def transform_batch(self, batch: dict) -> dict:

@@ -43,6 +43,26 @@ def test_augmented_rows_flip_text_and_references_together():
     assert out["text"] == ["dog on the right"] and out["references"] == [["dog on the right", "a dog"]]
 
 
+def _augmented_crops(num_workers: int, seed: int) -> list[tuple[int, int]]:
+    """The crop sizes CaptionAugment draws for 8 rows of one photo through a DataLoader."""
+    import datasets
+    import torch
+
+    rows = datasets.Dataset.from_dict({"image": [Image.new("RGB", (64, 48))] * 8, "text": ["a dog"] * 8})
+    rows = rows.with_transform(CaptionAugment(flip=0.0, brightness=0, contrast=0, saturation=0, seed=0).transform_batch)
+    torch.manual_seed(seed)
+    loader = torch.utils.data.DataLoader(rows, batch_size=1, num_workers=num_workers, collate_fn=lambda b: b[0]["image"].size)
+    return list(loader)
+
+
+def test_dataloader_workers_draw_their_own_augmentations_reproducibly():
+    crops = _augmented_crops(num_workers=2, seed=0)
+    # rows 0 and 1 are the first draw of worker 0 and of worker 1: a copied generator made them equal
+    assert crops[0] != crops[1] and len(set(crops)) >= 6
+    assert _augmented_crops(num_workers=2, seed=0) == crops  # torch's seed fixes the workers' draws
+    assert _augmented_crops(num_workers=2, seed=1) != crops
+
+
 def test_word_vocabulary_counts_content_words_once_per_caption():
     texts = ["A dog runs on the grass .", "The dog dog jumps", "a dog", "Grass is green", "a cat"]
     assert content_words("A dog's ball is on the grass") == {"dog", "ball", "grass"}
