@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -139,8 +140,9 @@ class DataArguments:
 class NanoVLMTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "train into an output folder that already holds files (an earlier run's are replaced as "
-                  "they are written); without it such a folder is refused unless --resume_from_checkpoint is given"},
+        metadata={"help": "train into an output folder that already holds files (the earlier run's checkpoints and "
+                  "samples.jsonl are removed, other files replaced as they are written); without it such a folder is "
+                  "refused unless --resume_from_checkpoint is given"},
     )
 
 
@@ -261,14 +263,26 @@ def build_processor(model_args: ModelArguments, texts, image_size: int, output_d
 
 
 def check_output_dir(training_args) -> None:
-    """Refuse to train into a folder an earlier run left files in, unless asked to overwrite or resume."""
+    """Refuse to train into a folder an earlier run left files in, unless asked to overwrite or resume.
+
+    Overwriting removes the earlier run's checkpoints and evaluations (samples.jsonl), which would
+    otherwise pass for this run's: `--resume_from_checkpoint latest` and the checkpoint rotation take
+    the highest step, and samples.jsonl is appended to. Other files are replaced as they are written.
+    """
     out = training_args.output_dir
-    if not os.path.isdir(out) or not os.listdir(out) or training_args.overwrite_output_dir or training_args.resume_from_checkpoint:
+    if not os.path.isdir(out) or not os.listdir(out) or training_args.resume_from_checkpoint:
         return
-    raise ValueError(
-        f"output folder {out} already holds files (an earlier run's?): pass --resume_from_checkpoint latest to continue "
-        "that run, --overwrite_output_dir true to replace it, or another --output_dir"
-    )
+    if not training_args.overwrite_output_dir:
+        raise ValueError(
+            f"output folder {out} already holds files (an earlier run's?): pass --resume_from_checkpoint latest to continue "
+            "that run, --overwrite_output_dir true to replace it, or another --output_dir"
+        )
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if name.startswith("checkpoint-") and os.path.isdir(path):
+            shutil.rmtree(path)
+        elif name == "samples.jsonl":
+            os.remove(path)
 
 
 def is_complete_checkpoint(path: str) -> bool:

@@ -147,6 +147,22 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_overwrite_removes_the_earlier_runs_checkpoints_and_evaluations(tmp_path):
+    """Left in place, the earlier run's checkpoint-6 would be `latest` for the new run, and its evaluations
+    would share samples.jsonl with the new run's."""
+    out = tmp_path / "run"
+    common = ["--num_train_examples", "64", "--num_validation_examples", "8", "--per_device_train_batch_size", "8",
+              "--eval_strategy", "steps", "--eval_steps", "3", "--save_steps", "3", "--num_sample_captions", "2",
+              "--use_cpu", "--output_dir", str(out)]
+    run_train(*common, "--max_steps", "6")
+    assert (out / "checkpoint-6").is_dir()
+    (out / "notes.txt").write_text("mine")
+    run_train(*common, "--max_steps", "3", "--overwrite_output_dir", "true")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert {json.loads(line)["step"] for line in (out / "samples.jsonl").read_text().splitlines()} == {3}
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_resume_latest_skips_a_checkpoint_left_half_written(tmp_path):
     """A kill while checkpoint-4 was being written (its trainer_state.json torn): `latest` resumes from
     checkpoint-2, the newest complete one, and says which it skipped."""
