@@ -262,7 +262,7 @@ def build_processor(model_args: ModelArguments, texts, image_size: int, output_d
     return NanoVLMProcessor(image_processor, tokenizer, num_image_tokens=model_config(model_args).num_image_tokens)
 
 
-def check_output_dir(training_args) -> None:
+def prepare_output_dir(training_args) -> None:
     """Refuse to train into a folder an earlier run left files in, unless asked to overwrite or resume.
 
     Overwriting removes the earlier run's checkpoints and evaluations (samples.jsonl), which would
@@ -621,7 +621,7 @@ def main(argv=None):
     image_size = image_size_of(model_args)
     bad = data.BadImages()
     if training_args.process_index == 0:  # other ranks could see the files rank 0 is already writing
-        check_output_dir(training_args)
+        prepare_output_dir(training_args)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     os.makedirs(training_args.output_dir, exist_ok=True)
     with training_args.main_process_first(desc="data and tokenizer"):

@@ -50,8 +50,7 @@ class CaptionAugment:
         self.rng = random.Random(self.seed)
         self._worker_seed = None
 
-    @property
-    def _random(self) -> random.Random:
+    def _generator(self) -> random.Random:
         """The main process's generator, or in a DataLoader worker one of its own: a forked copy of
         the main one would give every worker the same crops, flips and jitter."""
         worker = get_worker_info()
@@ -60,7 +59,7 @@ class CaptionAugment:
         return self.rng
 
     def crop(self, image: Image.Image) -> Image.Image:
-        width, height, rng = *image.size, self._random
+        width, height, rng = *image.size, self._generator()
         for _ in range(10):  # torchvision's RandomResizedCrop: try a few draws, else keep the whole photo
             area = width * height * rng.uniform(*self.scale)
             aspect = rng.uniform(*self.ratio)
@@ -71,7 +70,7 @@ class CaptionAugment:
         return image
 
     def __call__(self, image: Image.Image, texts: list[str]) -> tuple[Image.Image, list[str]]:
-        image, rng = self.crop(image.convert("RGB")), self._random
+        image, rng = self.crop(image.convert("RGB")), self._generator()
         if rng.random() < self.flip:
             image = ImageOps.mirror(image)
             texts = [swap_left_right(t) for t in texts]
