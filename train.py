@@ -87,6 +87,11 @@ class ModelArguments:
         metadata={"help": "beam width saved in the model's generation_config.json: generate(), the pipeline and every evaluation "
                   "caption with it (default: greedy)"},
     )
+    generation_no_repeat_ngram_size: int | None = field(
+        default=None,
+        metadata={"help": "saved in generation_config.json as generate()'s no_repeat_ngram_size: no n-gram of this size is "
+                  "written twice in a caption (default: no limit)"},
+    )
     max_length: int | None = field(
         default=None,
         metadata={"help": "longest caption in tokens, longer ones are cut (default: 128, or what the decoder's "
@@ -460,10 +465,16 @@ class NanoVLMTrainer(Trainer):
     captioner. Scenes: each token says which object (kind, color) its cell shows, a dense signal
     that teaches the vision tower to see far faster than the few caption tokens that name objects.
     Photos: the image says which content words its captions use.
+
+    Label smoothing (`--label_smoothing_factor`) smooths the training caption loss over the next token,
+    as the model's own loss predicts it (the Trainer shifts labels only for models in its causal-LM
+    list, which NanoVLM is not: unshifted, each token would be trained to predict itself). Evaluation
+    keeps the model's plain loss, so validation loss and the image gap stay nats/token of the captions.
     """
 
     def __init__(self, *args, aux_losses: dict | None = None, caption_eval: "CaptionEvaluation | None" = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.caption_smoother, self.label_smoother = self.label_smoother, None  # training only, labels shifted
         self.aux_losses = aux_losses or {}  # name -> (weight, function)
         self.caption_eval = caption_eval
         self._aux_sums = {name: [0.0, 0] for name in self.aux_losses}
@@ -478,7 +489,10 @@ class NanoVLMTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = {k: inputs.pop(k) for k in [k for k in inputs if k.startswith("aux_")]}
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.caption_smoother is not None and model.training and "labels" in inputs:
+            loss, outputs = self._smoothed_caption_loss(model, inputs, num_items_in_batch)
+        else:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if targets and model.training:
             unwrapped = self.accelerator.unwrap_model(model)
             for name, (weight, function) in self.aux_losses.items():
@@ -487,6 +501,14 @@ class NanoVLMTrainer(Trainer):
                 self._aux_sums[name][0] += float(aux.detach())
                 self._aux_sums[name][1] += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _smoothed_caption_loss(self, model, inputs, num_items_in_batch):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = self.caption_smoother(outputs, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as the Trainer scales a loss over all ranks' tokens
+        return loss, outputs
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:  # a training log line: the auxiliary losses' means since the last one
@@ -634,6 +656,8 @@ def main(argv=None):
     model = build_model(model_args, len(processor.tokenizer))
     if model_args.generation_num_beams is not None:
         model.generation_config.num_beams = model_args.generation_num_beams
+    if model_args.generation_no_repeat_ngram_size is not None:
+        model.generation_config.no_repeat_ngram_size = model_args.generation_no_repeat_ngram_size
     max_length = caption_length(model, model_args.max_length)
     logger.info("%s parameters, %d training / %d validation examples", f"{model.num_parameters():,}", len(train), len(validation))
     max_new_tokens = data_args.max_new_tokens or (110 if data_args.scenes_style == "long" else 48)

@@ -5,13 +5,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CAPTIONS, toy_image
 from PIL import Image
 from safetensors import safe_open
+from transformers import TrainingArguments
 
 import train
 from evaluation.image_use import image_gap, unique_caption_share
 from processing.augment import CaptionAugment, swap_left_right
+from processing.collator import NanoVLMCollator
 from processing.word_targets import content_words, word_targets, word_vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +92,38 @@ def test_image_gap_is_zero_for_a_model_that_cannot_see(tester, processor):
     assert seeing["loss_own_image"] > 0 and set(seeing) == {"loss_own_image", "loss_shuffled_image", "image_gap"}
     with pytest.raises(ValueError, match="at least 2"):
         image_gap(model, processor, images[:1], CAPTIONS[:1])
+
+
+def test_label_smoothing_smooths_the_next_token_in_training_only(tmp_path, tester, processor):
+    """`--label_smoothing_factor`: the training loss is the smoothed loss of each caption's *next* token
+    (the model's own label shift); evaluation keeps the plain caption loss."""
+    model = tester.get_model(hidden_dropout=0.0)  # training and evaluation logits then agree
+    batch = NanoVLMCollator(processor)([{"image": toy_image(i), "text": text} for i, text in enumerate(CAPTIONS)])
+    eps = 0.2
+    args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=eps, use_cpu=True, report_to="none")
+    trainer = train.NanoVLMTrainer(model=model, args=args)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(20):  # a confident model: smoothing then costs clearly more than the plain loss
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        kept = labels != -100
+        log_probs = logits.log_softmax(-1)[kept]
+        nll = -log_probs.gather(-1, labels[kept][:, None]).mean()
+        expected = (1 - eps) * nll - eps * log_probs.mean()
+        plain = model(**batch).loss
+        model.train()
+        smoothed = trainer.compute_loss(model, dict(batch))
+        model.eval()
+        evaluated = trainer.compute_loss(model, dict(batch))
+    assert nll == pytest.approx(plain.item(), rel=1e-5)
+    assert smoothed.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert smoothed.item() > plain.item() + 0.1, (smoothed, plain)  # smoothing is on
+    assert evaluated.item() == pytest.approx(plain.item(), rel=1e-6)
 
 
 def _flickr_subset(path: Path, source: str, num_images: int) -> Path:

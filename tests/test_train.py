@@ -46,7 +46,7 @@ def test_tiny_model_learns_scenes(tmp_path):
         *TINY_MODEL, *QUIET, "--output_dir", str(out), "--num_train_examples", "384", "--num_validation_examples", "32",
         "--max_steps", "200", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--warmup_steps", "10",
         "--eval_strategy", "steps", "--eval_steps", "100", "--eval_on_start", "true", "--save_strategy", "no",
-        "--logging_steps", "10", "--use_cpu", "--generation_num_beams", "2",
+        "--logging_steps", "10", "--use_cpu", "--generation_num_beams", "2", "--generation_no_repeat_ngram_size", "2",
     ])
     result = metrics(out)
     start = result["first_eval_loss"]  # evaluated before the first step (--eval_on_start)
@@ -59,7 +59,8 @@ def test_tiny_model_learns_scenes(tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
     assert model.config.vocab_size == len(processor.tokenizer) <= 300
-    assert model.generation_config.num_beams == 2  # saved: generate() and the pipeline decode with it
+    saved = model.generation_config  # generate(), the pipeline and every evaluation decode with it
+    assert (saved.num_beams, saved.no_repeat_ngram_size) == (2, 2)
 
     from huggingface_hub import ModelCard  # the model card, in the output folder with the Hub's metadata
 
