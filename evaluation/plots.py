@@ -40,7 +40,8 @@ def plot_caption_grid(images, captions, path: str, references=None, columns: int
         text = "model: " + "\n".join(textwrap.wrap(caption, wrap)[:5])
         if references is not None:
             text += "\ntruth: " + "\n".join(textwrap.wrap(references[i], wrap)[:4])
-        ax.set_title(text, fontsize=7, loc="left", y=-0.02, va="top")
+        # Text below the picture (a title's padding would lift it into the picture's bottom edge).
+        ax.text(0.0, -0.03, text, transform=ax.transAxes, fontsize=7, ha="left", va="top")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
