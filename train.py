@@ -512,9 +512,13 @@ class NanoVLMTrainer(Trainer):
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:  # a training log line: the auxiliary losses' means since the last one
+            weighted = 0.0
             for name, (total, count) in self._aux_sums.items():
                 if count:
                     logs[f"aux_{name}"] = round(total / count, 4)
+                    weighted += self.aux_losses[name][0] * total / count
+            if weighted:  # the caption part alone, comparable with the validation loss
+                logs["caption_loss"] = round(logs["loss"] - weighted, 4)
             self._aux_sums = {name: [0.0, 0] for name in self.aux_losses}
         super().log(logs, *args, **kwargs)
 
@@ -618,7 +622,7 @@ def final_report(trainer, processor, validation, data_args, max_new_tokens, bad,
     })
     for name, key in (("first_logged_loss", "loss"), ("first_eval_loss", "eval_loss")):
         metrics[name] = next((h[key] for h in trainer.state.log_history if key in h), None)
-    for key in sorted({k for h in trainer.state.log_history for k in h if k.startswith("aux_")}):
+    for key in sorted({k for h in trainer.state.log_history for k in h if k.startswith("aux_") or k == "caption_loss"}):
         logged = [h[key] for h in trainer.state.log_history if key in h]
         metrics[f"first_logged_{key}"], metrics[f"last_logged_{key}"] = logged[0], logged[-1]
     with open(os.path.join(out, "metrics.json"), "w") as f:

@@ -9,11 +9,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_loss_curve(log_history: list[dict], path: str, title: str = "NanoVLM training") -> None:
-    """Training loss per logging step and evaluation loss per evaluation, from `trainer.state.log_history`."""
+    """Training loss per logging step and evaluation loss per evaluation, from `trainer.state.log_history`.
+    With training-only losses (`aux_*`), the training line is the caption loss alone (`caption_loss`), the one
+    the validation loss measures, and the total is drawn faintly beside it."""
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    captions = [(h["step"], h["caption_loss"]) for h in log_history if "caption_loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    if train:
+    if captions:
+        ax.plot(*zip(*captions), label="train caption loss", linewidth=1.2)
+        ax.plot(*zip(*train), label="train loss with the training-only losses", linewidth=0.8, alpha=0.4, color="gray")
+    elif train:
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="validation loss", linewidth=1.5)
