@@ -48,6 +48,7 @@ SEEING_PRESETS |= {
 }
 
 VISION_FEATURE_SELECTS = ("cls", "pooled", "all")
+VISION_STEMS = ("patch", "conv")
 
 AUTO_MAP = {  # AutoModel gives the model people use (the captioner), as remote-code VLMs on the Hub do
     "AutoConfig": "configuration_nanovlm.NanoVLMConfig",
@@ -77,10 +78,14 @@ class NanoVLMConfig(PreTrainedConfig):
         `"pooled"` (a `vision_pool_size` x `vision_pool_size` average-pooled grid of patch tokens) or
         `"all"` ([CLS] and every patch token).
     vision_stem_channels:
-        Width of the conv stem's second conv. The stem is conv(3 -> c/4, k=4, s=4) -> GELU ->
+        Width of the conv stem's last conv. The stem is conv(3 -> c/4, k=4, s=4) -> GELU ->
         conv(c/4 -> c, k=p/4, s=p/4) -> LayerNorm -> ReLU -> Linear(c -> vision_hidden_size):
         a 16x16 patch becomes a token through two small non-overlapping convolutions instead of
         one big linear map, which gives the encoder a local, translation-equivariant first step.
+    vision_stem:
+        `"patch"` (the stem above) or `"conv"`: log2(patch_size) overlapping 3x3 stride-2 convs with
+        BatchNorm and GELU, widths doubling up to `vision_stem_channels` (c/8, c/4, c/2, c for 16x16
+        patches), then the same LayerNorm -> ReLU -> Linear; a small CNN in front of the encoder.
     max_position_embeddings:
         Size of the decoder's learned position table; it covers the image tokens and the text.
     hidden_dropout, attention_dropout:
@@ -121,6 +126,7 @@ class NanoVLMConfig(PreTrainedConfig):
         vision_num_attention_heads=8,
         vision_intermediate_size=None,
         vision_stem_channels=128,
+        vision_stem="patch",
         vision_feature_select="cls",
         vision_pool_size=7,
         preset=None,
@@ -147,6 +153,7 @@ class NanoVLMConfig(PreTrainedConfig):
         self.vision_num_attention_heads = vision_num_attention_heads
         self.vision_intermediate_size = vision_intermediate_size or 4 * vision_hidden_size
         self.vision_stem_channels = vision_stem_channels
+        self.vision_stem = vision_stem
         self.vision_feature_select = vision_feature_select
         self.vision_pool_size = vision_pool_size
         self.preset = preset
@@ -199,8 +206,17 @@ class NanoVLMConfig(PreTrainedConfig):
         for dim, heads in (("hidden_size", "num_attention_heads"), ("vision_hidden_size", "vision_num_attention_heads")):
             if getattr(self, dim) % getattr(self, heads):
                 raise ValueError(f"{dim} ({getattr(self, dim)}) must be divisible by {heads} ({getattr(self, heads)})")
-        if self.patch_size % 4:
+        if self.vision_stem not in VISION_STEMS:
+            raise ValueError(f"vision_stem must be one of {VISION_STEMS}, got {self.vision_stem!r}")
+        if self.vision_stem == "patch" and self.patch_size % 4:
             raise ValueError(f"patch_size must be a multiple of 4 (the conv stem's first stride), got {self.patch_size}")
+        if self.vision_stem == "conv":
+            depth = self.patch_size.bit_length() - 1
+            if self.patch_size != 2**depth or depth < 2:
+                raise ValueError(f"vision_stem='conv' halves the image per conv: patch_size must be a power of 2, >= 4, got {self.patch_size}")
+            if self.vision_stem_channels % 2 ** (depth - 1):
+                raise ValueError(f"vision_stem='conv' halves the widths from vision_stem_channels down {depth - 1} times: "
+                                 f"vision_stem_channels ({self.vision_stem_channels}) must be a multiple of {2 ** (depth - 1)}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
         if self.vision_stem_channels % 4:

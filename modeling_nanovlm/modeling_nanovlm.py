@@ -166,16 +166,31 @@ class NanoVLMBlock(GradientCheckpointingLayer):
 class NanoVLMVisionEmbeddings(nn.Module):
     """Conv stem -> LayerNorm -> ReLU -> Linear, then [CLS] and learned positions.
 
-    conv1 (k=4, s=4) sees 4x4 pixel cells, conv2 (k=s=patch/4) merges 4x4 cells into one
-    patch: 224x224 -> 56x56 -> 14x14 = 196 tokens for 16x16 patches. Non-overlapping strides keep
-    the stem cheap (a few % of the encoder's FLOPs) while adding a nonlinearity inside each patch.
+    `vision_stem="patch"`: conv1 (k=4, s=4) sees 4x4 pixel cells, conv2 (k=s=patch/4) merges 4x4
+    cells into one patch: 224x224 -> 56x56 -> 14x14 = 196 tokens for 16x16 patches. Non-overlapping
+    strides keep the stem cheap (a few % of the encoder's FLOPs) while adding a nonlinearity inside
+    each patch.
+
+    `vision_stem="conv"`: log2(patch) overlapping 3x3 stride-2 convs (BatchNorm + GELU between them,
+    widths doubling up to `vision_stem_channels`), 112x112 -> 56 -> 28 -> 14 -> 7x7 for 16x16
+    patches, as in "Early Convolutions Help Transformers See Better" (Xiao et al., 2021): a small
+    CNN's view of edges and textures, for encoders trained from scratch on little data.
     """
 
     def __init__(self, config: NanoVLMConfig):
         super().__init__()
         c = config.vision_stem_channels
-        self.conv1 = nn.Conv2d(config.num_channels, c // 4, kernel_size=4, stride=4)
-        self.conv2 = nn.Conv2d(c // 4, c, kernel_size=config.patch_size // 4, stride=config.patch_size // 4)
+        self.conv_stem = None
+        if config.vision_stem == "conv":
+            depth = config.patch_size.bit_length() - 1  # stride-2 convs from the pixels to the patch grid
+            widths = [config.num_channels] + [c >> (depth - 1 - i) for i in range(depth)]
+            layers = []
+            for c_in, c_out in zip(widths, widths[1:]):
+                layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+            self.conv_stem = nn.Sequential(*layers[:-2])  # the last conv feeds the LayerNorm below
+        else:
+            self.conv1 = nn.Conv2d(config.num_channels, c // 4, kernel_size=4, stride=4)
+            self.conv2 = nn.Conv2d(c // 4, c, kernel_size=config.patch_size // 4, stride=config.patch_size // 4)
         self.stem_norm = nn.LayerNorm(c, eps=config.layer_norm_eps)
         self.patch_proj = nn.Linear(c, config.vision_hidden_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.vision_hidden_size))
@@ -183,7 +198,10 @@ class NanoVLMVisionEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, pixel_values):
-        x = self.conv2(F.gelu(self.conv1(pixel_values)))  # (B, c, 14, 14)
+        if self.conv_stem is not None:
+            x = self.conv_stem(pixel_values)  # (B, c, 14, 14)
+        else:
+            x = self.conv2(F.gelu(self.conv1(pixel_values)))
         x = x.flatten(2).transpose(1, 2)  # (B, 196, c)
         x = self.patch_proj(F.relu(self.stem_norm(x)))  # (B, 196, vision_hidden)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)

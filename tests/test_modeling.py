@@ -39,11 +39,17 @@ def test_preset_sizes_within_ten_percent_of_paper():
 @pytest.mark.parametrize(
     "field, value",
     [("hidden_size", 0), ("num_attention_heads", 5), ("vision_feature_select", "mean"), ("patch_size", 6),
-     ("image_size", 100), ("hidden_dropout", 1.5), ("vocab_size", -3), ("vision_pool_size", 99)],
+     ("image_size", 100), ("hidden_dropout", 1.5), ("vocab_size", -3), ("vision_pool_size", 99), ("vision_stem", "cnn")],
 )
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         NanoVLMConfig(**{field: value})
+
+
+@pytest.mark.parametrize("overrides, field", [(dict(patch_size=12), "patch_size"), (dict(vision_stem_channels=20), "vision_stem_channels")])
+def test_conv_stem_needs_halvable_patches_and_widths(overrides, field):
+    with pytest.raises(ValueError, match=f"vision_stem='conv'.*{field}"):
+        NanoVLMConfig(vision_stem="conv", **overrides)
 
 
 def test_unknown_preset_lists_the_choices():
@@ -88,8 +94,9 @@ def test_base_model_returns_text_hidden_states(tester, processor, images):
     assert out.cache is None
 
 
-def test_loss_backpropagates_to_every_parameter(tester, processor, images):
-    model = tester.get_model().train()
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_loss_backpropagates_to_every_parameter(tester, processor, images, stem):
+    model = tester.get_model(vision_stem=stem).train()
     inputs = processor(images=images[:4], text=CAPTIONS[:4])
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     out = model(**inputs, labels=labels)
@@ -196,6 +203,24 @@ def test_tied_embeddings_survive_save_and_load(tester, tmp_path):
     assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_conv_stem_reaches_the_patch_grid_and_saves_its_batchnorm_statistics(tester, processor, images, tmp_path):
+    model = tester.get_model(vision_stem="conv")
+    convs = [m for m in model.model.vision_tower.embeddings.conv_stem if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [4, 8, 16]  # 32 px -> 16 -> 8 -> 4 = the 4x4 grid of 8 px patches
+    inputs = processor(images=images[:4], text=CAPTIONS[:4])
+    model.train()(**inputs)  # one training forward moves the BatchNorm running statistics off their start
+    model.eval()
+    norm = model.model.vision_tower.embeddings.conv_stem[1]
+    assert norm.num_batches_tracked == 1 and not torch.allclose(norm.running_mean, torch.zeros_like(norm.running_mean))
+    logits = model(**inputs).logits
+    alone = model(**{k: v[:1] for k, v in inputs.items()}).logits  # in evaluation a photo's caption does not depend on its batch
+    torch.testing.assert_close(alone[0], logits[0], atol=1e-5, rtol=1e-4)
+    model.save_pretrained(tmp_path)
+    loaded = NanoVLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.vision_stem == "conv"
+    torch.testing.assert_close(loaded(**inputs).logits, logits, atol=0, rtol=0)
 
 
 # --- generation -------------------------------------------------------------------------------
