@@ -489,6 +489,11 @@ class NanoVLMTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = {k: inputs.pop(k) for k in [k for k in inputs if k.startswith("aux_")]}
+        if model.training and "labels" in inputs:
+            # Training rows start with the image tokens, whose next tokens (image, <bos>) are never targets:
+            # the LM head and its softmax skip them (the same loss; ~10% of a photo recipe's step).
+            image_tokens = self.accelerator.unwrap_model(model).config.num_image_tokens
+            inputs["logits_to_keep"] = inputs["input_ids"].shape[1] - image_tokens
         if self.caption_smoother is not None and model.training and "labels" in inputs:
             loss, outputs = self._smoothed_caption_loss(model, inputs, num_items_in_batch)
         else:
@@ -503,7 +508,7 @@ class NanoVLMTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _smoothed_caption_loss(self, model, inputs, num_items_in_batch):
-        labels = inputs.pop("labels")
+        labels = inputs.pop("labels")[:, -inputs["logits_to_keep"]:]
         outputs = model(**inputs)
         loss = self.caption_smoother(outputs, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -557,7 +557,8 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> NanoVLMCausalLMOutput:
-        """`labels` align with `input_ids` (-100 = ignored); the loss is transformers' causal-LM loss.
+        """`labels` align with `input_ids` (-100 = ignored); the loss is transformers' causal-LM loss (with
+        `logits_to_keep`, over the last `logits_to_keep` positions: training skips the LM head on the image tokens).
         `return_dict=False` gives the output's fields that are set, as a tuple.
 
         `position_ids` may be passed as a keyword; by default they come from the attention mask and the cache
@@ -573,8 +574,8 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         hidden = outputs.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T, vocab)
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        if labels is not None:  # with logits_to_keep, over the kept positions: labels[:, -logits_to_keep:]
+            loss = self.loss_function(logits, labels[:, -logits_to_keep:] if logits_to_keep else labels, self.config.vocab_size, **kwargs)
         return NanoVLMCausalLMOutput(
             loss=loss, logits=logits, **{CACHE_NAME: outputs.get(CACHE_NAME)}, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,

@@ -126,6 +126,26 @@ def test_label_smoothing_smooths_the_next_token_in_training_only(tmp_path, teste
     assert evaluated.item() == pytest.approx(plain.item(), rel=1e-6)
 
 
+def test_training_loss_skips_the_lm_head_on_image_tokens_and_is_unchanged(tmp_path, tester, processor):
+    """NanoVLMTrainer's training loss runs the LM head on the text positions only: the same loss and
+    gradients as the model's loss over every position, with logits for the text positions alone."""
+    model = tester.get_model(hidden_dropout=0.0).train()
+    batch = NanoVLMCollator(processor)([{"image": toy_image(i), "text": text} for i, text in enumerate(CAPTIONS)])
+    trainer = train.NanoVLMTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    full = model(**batch)
+    full.loss.backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    loss.backward()
+    T, image_tokens = batch["input_ids"].shape[1], model.config.num_image_tokens
+    assert outputs.logits.shape[1] == T - image_tokens
+    torch.testing.assert_close(outputs.logits, full.logits[:, image_tokens:])
+    torch.testing.assert_close(loss, full.loss)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, full_grads[name], msg=name)
+
+
 def _flickr_subset(path: Path, source: str, num_images: int) -> Path:
     coco = json.loads((FLICKR8K / source).read_text())
     images = sorted(coco["images"], key=lambda im: im["id"])[:num_images]
