@@ -190,7 +190,7 @@ def model_card(folder: str | Path, repo_id: str = "ORG/NAME", license: str = "ap
     )
     m = lambda n: f"{n / 1e6:.2f}M ({n:,})"  # noqa: E731
     parameters = [
-        (f"vision encoder: {getattr(config, 'vision_stem', 'patch')} stem + {config.vision_num_hidden_layers} block(s) of width {config.vision_hidden_size}",
+        (f"vision encoder: {config.vision_stem} stem + {config.vision_num_hidden_layers} block(s) of width {config.vision_hidden_size}",
          m(counts["vision encoder"])),
         ("projector (Linear + GELU)", m(counts["projector"])),
         (f"decoder: {config.num_hidden_layers} layers of width {config.hidden_size}", m(counts["decoder"])),
