@@ -149,6 +149,13 @@ class NanoVLMTrainingArguments(TrainingArguments):
                   "samples.jsonl are removed, other files replaced as they are written); without it such a folder is "
                   "refused unless --resume_from_checkpoint is given"},
     )
+    self_critical_samples: int = field(
+        default=0,
+        metadata={"help": "self-critical sequence training, a fine-tuning stage for a captioner trained with the caption "
+                  "loss (--model_name_or_path): sample this many captions (2 or more) of each image, score each with "
+                  "CIDEr-D against the image's captions, and make those above the image's mean likelier. 0: the caption loss"},
+    )
+    self_critical_max_new_tokens: int = field(default=32, metadata={"help": "self-critical training: longest sampled caption"})
 
 
 def read_recipe(path: str) -> dict:
@@ -453,6 +460,72 @@ class ParameterBytes(TrainerCallback):
             logger.info("rank %d holds %s of the model's %s parameter bytes", args.process_index, f"{self.local:,}", f"{self.total:,}")
 
 
+class WithReferences:
+    """The usual batch plus `references`: each image's captions (all of them for COCO-layout rows, else its text),
+    the targets self-critical training scores its samples against."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        return {**self.collator(examples), "references": [list(ex.get("references") or [ex["text"]]) for ex in examples]}
+
+
+class SelfCritical:
+    """Self-critical sequence training (Rennie et al. 2017), with the mean reward of the image's other samples as
+    each sample's baseline (Luo 2020, "A Better Variant of Self-Critical Sequence Training").
+
+    For each image, sample `num_samples` captions from the model (plain sampling, no beam, no n-gram rule, never
+    an `<image>`, `<bos>` or pad token), score
+    each with `reward` (CIDEr-D against the image's captions, document frequencies of the training captions), and
+    take the policy-gradient loss `-(reward - mean reward of the image's other samples) * log p(token)`, averaged
+    over the sampled tokens (the `<eos>` included). Captions that score above their siblings become likelier,
+    those below less likely: the model is trained on whole captions of its own, scored by the metric, where the
+    caption loss trains the next word after a human's words.
+    """
+
+    def __init__(self, processor, reward, num_samples: int, max_new_tokens: int):
+        if num_samples < 2:
+            raise ValueError(f"--self_critical_samples must be 2 or more (each sample's baseline is its siblings' mean), got {num_samples}")
+        self.processor, self.reward, self.num_samples, self.max_new_tokens = processor, reward, num_samples, max_new_tokens
+
+    @torch.no_grad()
+    def sample(self, model, pixel_values):
+        """(prompt ids `(B, P)`, sampled caption ids `(B * num_samples, L)`, mask of their tokens up to the first
+        `<eos>`) from the model in evaluation mode, the samples of one image next to each other."""
+        prompt = torch.tensor(self.processor.image_prompt_ids([""] * len(pixel_values)), device=pixel_values.device)
+        was_training = model.training
+        model.eval()
+        tokenizer = self.processor.tokenizer
+        never = {self.processor.image_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id} - {tokenizer.eos_token_id, None}
+        sequences = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=pixel_values,
+                                   do_sample=True, num_beams=1, num_return_sequences=self.num_samples, top_k=0, top_p=1.0,
+                                   temperature=1.0, no_repeat_ngram_size=0, suppress_tokens=sorted(never),
+                                   max_new_tokens=self.max_new_tokens)
+        model.train(was_training)
+        new = sequences[:, prompt.shape[1]:]
+        is_eos = new == self.processor.tokenizer.eos_token_id
+        keep = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # before or at the first <eos>
+        return prompt, new, keep
+
+    def loss(self, model, unwrapped, pixel_values, references):
+        """(the loss, the samples' mean reward). `model` takes the gradient pass (DDP-wrapped or not),
+        `unwrapped` samples."""
+        prompt, new, keep = self.sample(unwrapped, pixel_values)
+        k = self.num_samples
+        texts = self.processor.batch_decode(new)
+        rewards = torch.tensor(self.reward(texts, [refs for refs in references for _ in range(k)]), device=new.device)
+        rewards = rewards.view(-1, k)
+        baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+        advantage = (rewards - baseline).flatten()
+        input_ids = torch.cat([prompt.repeat_interleave(k, 0), new], 1)
+        logits = model(input_ids=input_ids, pixel_values=pixel_values.repeat_interleave(k, 0),
+                       logits_to_keep=new.shape[1] + 1).logits[:, :-1]  # the logits that predict each sampled token
+        log_probs = logits.float().log_softmax(-1).gather(-1, new[..., None]).squeeze(-1)
+        loss = -(advantage[:, None] * log_probs * keep).sum() / keep.sum().clamp(min=1)
+        return loss, float(rewards.mean())
+
+
 class NanoVLMTrainer(Trainer):
     """The Trainer, plus two things. Training-only losses: `weight * loss(model, visual tokens, targets)` for
     each is added to the caption loss and logged as `aux_<name>` next to the loss. Caption metrics: at each
@@ -472,8 +545,10 @@ class NanoVLMTrainer(Trainer):
     keeps the model's plain loss, so validation loss and the image gap stay nats/token of the captions.
     """
 
-    def __init__(self, *args, aux_losses: dict | None = None, caption_eval: "CaptionEvaluation | None" = None, **kwargs):
+    def __init__(self, *args, aux_losses: dict | None = None, caption_eval: "CaptionEvaluation | None" = None,
+                 self_critical: SelfCritical | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.self_critical, self._rewards = self_critical, [0.0, 0]
         self.caption_smoother, self.label_smoother = self.label_smoother, None  # training only, labels shifted
         self.aux_losses = aux_losses or {}  # name -> (weight, function)
         self.caption_eval = caption_eval
@@ -489,6 +564,13 @@ class NanoVLMTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = {k: inputs.pop(k) for k in [k for k in inputs if k.startswith("aux_")]}
+        references = inputs.pop("references", None)
+        if self.self_critical is not None and model.training:
+            loss, reward = self.self_critical.loss(model, self.accelerator.unwrap_model(model), inputs["pixel_values"], references)
+            self._rewards[0] += reward
+            self._rewards[1] += 1
+            loss = loss / self.args.gradient_accumulation_steps
+            return (loss, None) if return_outputs else loss
         if model.training and "labels" in inputs:
             # Training rows start with the image tokens, whose next tokens (image, <bos>) are never targets:
             # the LM head and its softmax skip them (the same loss; a 1.12x faster step of recipe 9's model).
@@ -525,6 +607,9 @@ class NanoVLMTrainer(Trainer):
             if weighted:  # the caption part alone, comparable with the validation loss
                 logs["caption_loss"] = round(logs["loss"] - weighted, 4)
             self._aux_sums = {name: [0.0, 0] for name in self.aux_losses}
+            if self._rewards[1]:  # self-critical training: the sampled captions' mean CIDEr-D since the last line
+                logs["sample_cider_d"] = round(self._rewards[0] / self._rewards[1], 4)
+                self._rewards = [0.0, 0]
         super().log(logs, *args, **kwargs)
 
 
@@ -558,6 +643,26 @@ def trainer_setup(model, data_args: DataArguments, collator: NanoVLMCollator, tr
     if not aux_losses:
         return collator, {}
     return AuxTargetsCollator(collator, grid, word_index), {"aux_losses": aux_losses}
+
+
+def self_critical_setup(model_args: ModelArguments, training_args, processor, train) -> SelfCritical:
+    """The self-critical loss for --self_critical_samples: CIDEr-D with the document frequencies of the
+    training images' captions. It fine-tunes a trained captioner, without the training-only losses."""
+    if not model_args.model_name_or_path:
+        raise ValueError("--self_critical_samples fine-tunes a captioner: pass --model_name_or_path, a model trained with the "
+                         "caption loss (its samples must already be captions for their rewards to tell them apart)")
+    from evaluation.caption_metrics import CiderD  # pycocoevalcap: only loaded when asked for
+
+    texts = train["text"]
+    keys = train["image_id"] if "image_id" in train.column_names else range(len(texts))
+    references = train["references"] if "references" in train.column_names else [None] * len(texts)
+    corpus = {}
+    for key, refs, text in zip(keys, references, texts):  # one reference list per image
+        corpus.setdefault(key, refs or [text])
+    logger.info("self-critical training: %d samples per image, CIDEr-D reward with the document frequencies of %d training "
+                "images' captions; the training-only losses are off", training_args.self_critical_samples, len(corpus))
+    return SelfCritical(processor, CiderD(list(corpus.values())), training_args.self_critical_samples,
+                        training_args.self_critical_max_new_tokens)
 
 
 def eval_metric_scores(name: str, captions: list[str], examples: list[dict]) -> dict:
@@ -627,7 +732,7 @@ def final_report(trainer, processor, validation, data_args, max_new_tokens, bad,
     })
     for name, key in (("first_logged_loss", "loss"), ("first_eval_loss", "eval_loss")):
         metrics[name] = next((h[key] for h in trainer.state.log_history if key in h), None)
-    for key in sorted({k for h in trainer.state.log_history for k in h if k.startswith("aux_") or k == "caption_loss"}):
+    for key in sorted({k for h in trainer.state.log_history for k in h if k.startswith("aux_") or k in ("caption_loss", "sample_cider_d")}):
         logged = [h[key] for h in trainer.state.log_history if key in h]
         metrics[f"first_logged_{key}"], metrics[f"last_logged_{key}"] = logged[0], logged[-1]
     with open(os.path.join(out, "metrics.json"), "w") as f:
@@ -672,7 +777,11 @@ def main(argv=None):
     max_new_tokens = data_args.max_new_tokens or (110 if data_args.scenes_style == "long" else 48)
     n_eval = max(data_args.num_sample_captions, data_args.eval_metrics_examples if data_args.eval_metrics else 0)
     samples = [validation[i] for i in range(min(n_eval, len(validation)))]
-    collator, extra = trainer_setup(model, data_args, NanoVLMCollator(processor, max_length), train["text"])
+    if training_args.self_critical_samples:
+        collator, extra = WithReferences(NanoVLMCollator(processor, max_length)), {
+            "self_critical": self_critical_setup(model_args, training_args, processor, train)}
+    else:
+        collator, extra = trainer_setup(model, data_args, NanoVLMCollator(processor, max_length), train["text"])
     caption_eval = CaptionEvaluation(processor, samples, max_new_tokens, os.path.join(training_args.output_dir, "samples.jsonl"),
                                      data_args.eval_metrics, data_args.num_sample_captions)
     if data_args.augment:

@@ -14,12 +14,15 @@ The tokenizer used is part of the result.
 """
 
 import logging
+import math
 import re
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.cider.cider_scorer import precook
 from pycocoevalcap.rouge.rouge import Rouge
 
 logger = logging.getLogger(__name__)
@@ -85,3 +88,57 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
     scores["per_item"] = {"bleu4": [float(x) for x in bleu_items[3]], "rouge_l": [float(x) for x in rouge_items],
                           "cider_d": [float(x) for x in cider_items]}
     return scores
+
+
+class CiderD:
+    """CIDEr-D with n-gram document frequencies fixed by a corpus of reference lists (`corpus`, one list per
+    image), as a reward: a caption's score does not depend on the other captions scored with it.
+
+    The formula is pycocoevalcap's `Cider` (tf-idf n-gram vectors for n = 1..4, counts clipped to the
+    reference's, a Gaussian length penalty with sigma 6, the mean over n and references, x10) on
+    `simple_tokenize`d text; scored against the corpus it was built from, it gives `Cider`'s per-item scores.
+    Reference vectors are cached per reference list, so scoring many samples of one image costs little.
+    """
+
+    def __init__(self, corpus: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0):
+        if not corpus:
+            raise ValueError("CiderD needs a corpus of reference lists to take document frequencies from")
+        self.n, self.sigma = n, sigma
+        self.document_frequency = Counter(
+            ngram for refs in corpus for ngram in {g for ref in refs for g in precook(simple_tokenize(ref), n)})
+        self.log_corpus_size = math.log(float(len(corpus)))
+        self._references = {}
+
+    def _vector(self, text: str):
+        """(one {ngram: tf-idf} per n, their norms, a length) of a caption. The length is the number of
+        bigrams, as pycocoevalcap counts it: only length differences enter the penalty, and they are the same."""
+        vectors, norms, length = [{} for _ in range(self.n)], [0.0] * self.n, 0
+        for ngram, count in precook(simple_tokenize(text), self.n).items():
+            k = len(ngram) - 1
+            weight = count * (self.log_corpus_size - math.log(max(1.0, self.document_frequency[ngram])))
+            vectors[k][ngram] = weight
+            norms[k] += weight * weight
+            length += count if k == 1 else 0
+        return vectors, [math.sqrt(x) for x in norms], length
+
+    def score(self, candidate: str, references: Sequence[str]) -> float:
+        """CIDEr-D of one caption against its image's references."""
+        key = tuple(references)
+        if key not in self._references:
+            self._references[key] = [self._vector(r) for r in references]
+        vectors, norms, length = self._vector(candidate)
+        total = 0.0
+        for ref_vectors, ref_norms, ref_length in self._references[key]:
+            penalty = math.exp(-((length - ref_length) ** 2) / (2 * self.sigma**2))
+            for k in range(self.n):
+                overlap = sum(min(w, ref_vectors[k].get(g, 0.0)) * ref_vectors[k].get(g, 0.0) for g, w in vectors[k].items())
+                if norms[k] and ref_norms[k]:
+                    overlap /= norms[k] * ref_norms[k]
+                total += overlap * penalty
+        return 10.0 * total / (self.n * len(references))
+
+    def __call__(self, candidates: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+        """CIDEr-D of each candidate against its reference list."""
+        if len(candidates) != len(references):
+            raise ValueError(f"got {len(candidates)} candidates but {len(references)} reference lists; pass one list per candidate")
+        return [self.score(c, refs) for c, refs in zip(candidates, references)]

@@ -21,7 +21,7 @@ from test_train import QUIET, TINY_MODEL, write_coco, write_imagefolder
 
 import train
 from evaluation import caption_metrics
-from evaluation.caption_metrics import caption_scores, tokenize
+from evaluation.caption_metrics import CiderD, caption_scores, tokenize
 from evaluation.cli import main as evaluate_main
 from evaluation.grounding import grounding_scores
 from evaluation.judge import CRITERIA, PREFIX_WORDS, SCHEMA, JudgeSettings, judge, mean_ci95, split_prompt
@@ -75,6 +75,26 @@ def test_cider_d_length_penalty_and_clipping():
     longer = caption_scores(["a dog runs dog runs", "a cat sits", "the bird sings"], refs, tokenizer="simple")["per_item"]["cider_d"]
     assert exact[0] == pytest.approx(10 * 3 / 4)  # cosine 1 for 1-, 2-, 3-grams, no 4-gram: 10 * 3/4
     assert 0 < longer[0] < exact[0]  # repeated n-grams are clipped and two extra words cost exp(-4/72)
+
+
+def test_cider_d_reward_is_pycocoevalcaps_cider_d_with_fixed_document_frequencies():
+    """`CiderD` (the self-critical reward) scores like pycocoevalcap's Cider on the corpus it was built from,
+    and a caption's score does not depend on the other captions scored with it (Cider's does: its document
+    frequencies come from the references of the batch)."""
+    refs = [["A dog runs on the grass.", "a brown dog is running", "The dog plays outside"],
+            ["Two children swim in a pool.", "kids in the water"],
+            ["A man rides a red bike.", "a man on a bicycle", "A cyclist in red rides down the road."],
+            ["A dog jumps into the water.", "a black dog swims"]]
+    preds = ["a dog runs on the grass", "two kids swim in the water .", "A man in red rides a bike", "a dog runs"]
+    reward = CiderD(refs)
+    expected = caption_scores(preds, refs, tokenizer="simple")["per_item"]["cider_d"]
+    assert reward(preds, refs) == pytest.approx(expected, rel=1e-9)
+    assert min(expected) > 0 and len(set(expected)) == 4
+    assert reward(preds[:1], refs[:1]) == pytest.approx(expected[:1], rel=1e-9)  # the batch does not matter
+    assert caption_scores(preds[:1], refs[:1], tokenizer="simple")["cider_d"] != pytest.approx(expected[0], rel=1e-3)
+    assert reward([""], refs[:1]) == [0.0]
+    with pytest.raises(ValueError, match="one list per candidate"):
+        reward(preds, refs[:2])
 
 
 def test_ptb_tokenizer_needs_java_and_the_simple_one_agrees_with_it(monkeypatch):

@@ -14,6 +14,7 @@ from transformers import TrainingArguments
 import train
 from evaluation.image_use import image_gap, unique_caption_share
 from processing.augment import CaptionAugment, swap_left_right
+from evaluation.caption_metrics import CiderD
 from processing.collator import NanoVLMCollator
 from processing.word_targets import content_words, word_targets, word_vocabulary
 
@@ -144,6 +145,51 @@ def test_training_loss_skips_the_lm_head_on_image_tokens_and_is_unchanged(tmp_pa
     torch.testing.assert_close(loss, full.loss)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.grad, full_grads[name], msg=name)
+
+
+def test_self_critical_loss_is_zero_when_the_reward_cannot_tell_samples_apart(tester, processor, images):
+    """Each sample's baseline is the mean reward of its image's other samples: equal rewards give no gradient."""
+    model = tester.get_model(hidden_dropout=0.0).train()
+    critic = train.SelfCritical(processor, lambda texts, refs: [2.0] * len(texts), num_samples=3, max_new_tokens=6)
+    loss, reward = critic.loss(model, model, processor(images=images[:2])["pixel_values"], [["a"], ["b"]])
+    loss.backward()
+    assert reward == 2.0 and loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    with pytest.raises(ValueError, match="2 or more"):
+        train.SelfCritical(processor, lambda texts, refs: [0.0] * len(texts), num_samples=1, max_new_tokens=6)
+
+
+def test_self_critical_training_raises_the_reward_of_its_samples(tester, processor, images):
+    """After a little caption loss the model writes one of the eight toy captions, whichever the picture.
+    Self-critical steps rewarded by CIDEr-D against one of them (the same target for every picture; document
+    frequencies of all eight) make the sampled captions score far higher: the reward steers the model.
+    A sample's tokens count up to its first <eos>."""
+    model = tester.get_model(hidden_dropout=0.0).train()
+    batch = NanoVLMCollator(processor)([{"image": image, "text": text} for image, text in zip(images, CAPTIONS)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    critic = train.SelfCritical(processor, CiderD([[text] for text in CAPTIONS]), num_samples=4, max_new_tokens=12)
+    torch.manual_seed(0)
+    prompt, new, keep = critic.sample(model, batch["pixel_values"])
+    assert new.shape[0] == 4 * len(images) and prompt.shape == (len(images), processor.num_image_tokens + 1)
+    eos = processor.tokenizer.eos_token_id
+    for row, mask in zip(new.tolist(), keep.tolist()):
+        assert sum(mask) == (row.index(eos) + 1 if eos in row else len(row)) and all(mask[: sum(mask)])
+    target = [[CAPTIONS[3]]] * len(images)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    rewards = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss, reward = critic.loss(model, model, batch["pixel_values"], target)
+        loss.backward()
+        optimizer.step()
+        rewards.append(reward)
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    # measured: 1.6 -> 7.1 (seed 0), 1.6 -> 8.6 (seed 1); an exact copy of the target scores 10
+    assert last > max(4.0, 2 * first), rewards
 
 
 def _flickr_subset(path: Path, source: str, num_images: int) -> Path:

@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 import train
+from modeling_nanovlm import NanoVLMForConditionalGeneration
 from processing import data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,6 +226,26 @@ def test_bad_images_stop_the_run_unless_skipped(tmp_path):
     assert {Path(e["image"]).name for e in skipped["examples"]} == {"2.jpg", "5.jpg"}
     reasons = {Path(e["image"]).name: e["reason"] for e in skipped["examples"]}
     assert reasons["5.jpg"] == "file not found"
+
+
+def test_self_critical_fine_tuning_of_a_saved_captioner(tmp_path):
+    """--self_critical_samples fine-tunes the model of --model_name_or_path on its own sampled captions, logging
+    their mean CIDEr-D; without a starting model it is refused."""
+    captions, images = write_coco(tmp_path / "coco", n=8)
+    args = [*TINY_MODEL, *QUIET, "--dataset", "coco", "--caption_file", str(captions), "--image_dir", str(images),
+            "--validation_fraction", "0.25", "--per_device_train_batch_size", "4", "--eval_strategy", "no",
+            "--save_strategy", "no", "--logging_steps", "1", "--use_cpu"]
+    train.main([*args, "--output_dir", str(tmp_path / "base"), "--max_steps", "4", "--learning_rate", "1e-2"])
+    with pytest.raises(ValueError, match="--model_name_or_path"):
+        train.main([*args, "--output_dir", str(tmp_path / "alone"), "--max_steps", "1", "--self_critical_samples", "3"])
+    train.main([*args, "--output_dir", str(tmp_path / "scst"), "--max_steps", "3", "--self_critical_samples", "3",
+                "--model_name_or_path", str(tmp_path / "base"), "--aux_words_weight", "1.0"])
+    result = metrics(tmp_path / "scst")
+    assert result["global_step"] == 3 and "first_logged_sample_cider_d" in result and "first_logged_aux_words" not in result
+    assert result["last_logged_sample_cider_d"] >= 0
+    before = NanoVLMForConditionalGeneration.from_pretrained(tmp_path / "base").state_dict()
+    after = NanoVLMForConditionalGeneration.from_pretrained(tmp_path / "scst").state_dict()
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def write_imagefolder(folder: Path, n: int, text_column: str) -> Path:
