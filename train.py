@@ -156,6 +156,11 @@ class NanoVLMTrainingArguments(TrainingArguments):
                   "CIDEr-D against the image's captions, and make those above the image's mean likelier. 0: the caption loss"},
     )
     self_critical_max_new_tokens: int = field(default=32, metadata={"help": "self-critical training: longest sampled caption"})
+    self_critical_caption_weight: float = field(
+        default=0.0,
+        metadata={"help": "self-critical training: add this weight times the caption loss on the batch's human captions "
+                  "(keeps the model near the captions it was trained on; 0: the self-critical loss alone)"},
+    )
 
 
 def read_recipe(path: str) -> dict:
@@ -481,13 +486,15 @@ class SelfCritical:
     take the policy-gradient loss `-(reward - mean reward of the image's other samples) * log p(token)`, averaged
     over the sampled tokens (the `<eos>` included). Captions that score above their siblings become likelier,
     those below less likely: the model is trained on whole captions of its own, scored by the metric, where the
-    caption loss trains the next word after a human's words.
+    caption loss trains the next word after a human's words. With `caption_weight`, the NanoVLMTrainer adds that
+    times the caption loss of the batch's human captions (a mixed objective that keeps the model near them).
     """
 
-    def __init__(self, processor, reward, num_samples: int, max_new_tokens: int):
+    def __init__(self, processor, reward, num_samples: int, max_new_tokens: int, caption_weight: float = 0.0):
         if num_samples < 2:
             raise ValueError(f"--self_critical_samples must be 2 or more (each sample's baseline is its siblings' mean), got {num_samples}")
         self.processor, self.reward, self.num_samples, self.max_new_tokens = processor, reward, num_samples, max_new_tokens
+        self.caption_weight = caption_weight  # the NanoVLMTrainer adds this times the caption loss
 
     @torch.no_grad()
     def sample(self, model, pixel_values):
@@ -570,6 +577,11 @@ class NanoVLMTrainer(Trainer):
             self._rewards[0] += reward
             self._rewards[1] += 1
             loss = loss / self.args.gradient_accumulation_steps
+            if self.self_critical.caption_weight:  # and the caption loss on the batch's human captions
+                image_tokens = self.accelerator.unwrap_model(model).config.num_image_tokens
+                inputs["logits_to_keep"] = inputs["input_ids"].shape[1] - image_tokens
+                caption = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+                loss = loss + self.self_critical.caption_weight * caption
             return (loss, None) if return_outputs else loss
         if model.training and "labels" in inputs:
             # Training rows start with the image tokens, whose next tokens (image, <bos>) are never targets:
@@ -662,7 +674,7 @@ def self_critical_setup(model_args: ModelArguments, training_args, processor, tr
     logger.info("self-critical training: %d samples per image, CIDEr-D reward with the document frequencies of %d training "
                 "images' captions; the training-only losses are off", training_args.self_critical_samples, len(corpus))
     return SelfCritical(processor, CiderD(list(corpus.values())), training_args.self_critical_samples,
-                        training_args.self_critical_max_new_tokens)
+                        training_args.self_critical_max_new_tokens, training_args.self_critical_caption_weight)
 
 
 def eval_metric_scores(name: str, captions: list[str], examples: list[dict]) -> dict:
