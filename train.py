@@ -481,9 +481,8 @@ class SelfCritical:
     each sample's baseline (Luo 2020, "A Better Variant of Self-Critical Sequence Training").
 
     For each image, sample `num_samples` captions from the model (plain sampling, no beam, no n-gram rule, never
-    an `<image>`, `<bos>` or pad token), score
-    each with `reward` (CIDEr-D against the image's captions, document frequencies of the training captions), and
-    take the policy-gradient loss `-(reward - mean reward of the image's other samples) * log p(token)`, averaged
+    an `<image>`, `<bos>` or pad token), score each with `reward` (CIDEr-D against the image's captions, document
+    frequencies of the training captions), and take the policy-gradient loss `-(reward - mean reward of the image's other samples) * log p(token)`, averaged
     over the sampled tokens (the `<eos>` included). Captions that score above their siblings become likelier,
     those below less likely: the model is trained on whole captions of its own, scored by the metric, where the
     caption loss trains the next word after a human's words. With `caption_weight`, the NanoVLMTrainer adds that
@@ -511,7 +510,7 @@ class SelfCritical:
                                    max_new_tokens=self.max_new_tokens)
         model.train(was_training)
         new = sequences[:, prompt.shape[1]:]
-        is_eos = new == self.processor.tokenizer.eos_token_id
+        is_eos = new == tokenizer.eos_token_id
         keep = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # before or at the first <eos>
         return prompt, new, keep
 
@@ -534,11 +533,13 @@ class SelfCritical:
 
 
 class NanoVLMTrainer(Trainer):
-    """The Trainer, plus two things. Training-only losses: `weight * loss(model, visual tokens, targets)` for
+    """The Trainer, plus NanoVLM's training. Training-only losses: `weight * loss(model, visual tokens, targets)` for
     each is added to the caption loss and logged as `aux_<name>` next to the loss. Caption metrics: at each
     evaluation `caption_eval` (a `CaptionEvaluation`) adds what the captions score to the evaluation's
     metrics before the Trainer logs them, so every `--report_to` reporter, the log history (checkpoints, the
-    loss curve) and `trainer.evaluate()`'s result all hold them.
+    loss curve) and `trainer.evaluate()`'s result all hold them. Self-critical training: with `self_critical`
+    (a `SelfCritical`) the training loss is its loss on the model's own sampled captions, logged with their
+    mean reward as `sample_cider_d`; evaluation keeps the caption loss.
 
     The heads (`model.aux_*_head`, on the projected visual tokens the decoder reads) are trained and
     checkpointed with the model and removed before the final save: the released model is a plain
@@ -571,23 +572,21 @@ class NanoVLMTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = {k: inputs.pop(k) for k in [k for k in inputs if k.startswith("aux_")]}
-        references = inputs.pop("references", None)
+        references = inputs.pop("references", None)  # self-critical training's targets
+        if model.training and "labels" in inputs:
+            # Training rows start with the image tokens, whose next tokens (image, <bos>) are never targets:
+            # the LM head and its softmax skip them (the same loss; a 1.12x faster step of recipe 9's model).
+            image_tokens = self.accelerator.unwrap_model(model).config.num_image_tokens
+            inputs["logits_to_keep"] = inputs["input_ids"].shape[1] - image_tokens
         if self.self_critical is not None and model.training:
             loss, reward = self.self_critical.loss(model, self.accelerator.unwrap_model(model), inputs["pixel_values"], references)
             self._rewards[0] += reward
             self._rewards[1] += 1
             loss = loss / self.args.gradient_accumulation_steps
             if self.self_critical.caption_weight:  # and the caption loss on the batch's human captions
-                image_tokens = self.accelerator.unwrap_model(model).config.num_image_tokens
-                inputs["logits_to_keep"] = inputs["input_ids"].shape[1] - image_tokens
                 caption = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
                 loss = loss + self.self_critical.caption_weight * caption
             return (loss, None) if return_outputs else loss
-        if model.training and "labels" in inputs:
-            # Training rows start with the image tokens, whose next tokens (image, <bos>) are never targets:
-            # the LM head and its softmax skip them (the same loss; a 1.12x faster step of recipe 9's model).
-            image_tokens = self.accelerator.unwrap_model(model).config.num_image_tokens
-            inputs["logits_to_keep"] = inputs["input_ids"].shape[1] - image_tokens
         if self.caption_smoother is not None and model.training and "labels" in inputs:
             loss, outputs = self._smoothed_caption_loss(model, inputs, num_items_in_batch)
         else:
