@@ -482,8 +482,9 @@ class SelfCritical:
 
     For each image, sample `num_samples` captions from the model (plain sampling, no beam, no n-gram rule, never
     an `<image>`, `<bos>` or pad token), score each with `reward` (CIDEr-D against the image's captions, document
-    frequencies of the training captions), and take the policy-gradient loss `-(reward - mean reward of the image's other samples) * log p(token)`, averaged
-    over the sampled tokens (the `<eos>` included). Captions that score above their siblings become likelier,
+    frequencies of the training captions), and take the policy-gradient loss
+    `-(reward - mean reward of the image's other samples) * log p(token)`, averaged over the sampled tokens (the
+    `<eos>` included). Captions that score above their siblings become likelier,
     those below less likely: the model is trained on whole captions of its own, scored by the metric, where the
     caption loss trains the next word after a human's words. With `caption_weight`, the NanoVLMTrainer adds that
     times the caption loss of the batch's human captions (a mixed objective that keeps the model near them).
