@@ -16,6 +16,8 @@
 The output folder holds a model + processor + Hub code loadable with `from_pretrained`,
 metrics.json, loss_curve.png and samples.png. Resume with `--resume_from_checkpoint latest` (the newest
 complete checkpoint); a folder an earlier run used is refused unless `--overwrite_output_dir true`.
+A recipe whose "then" object holds a second stage's flags (e.g. self-critical fine-tuning) trains its
+first stage into OUTPUT_DIR/stage-1 and the second, from that model, into OUTPUT_DIR.
 """
 
 import json
@@ -181,16 +183,72 @@ def parse_args(argv: list[str]):
     """The three argument dataclasses: train.py's DEFAULTS, then a --recipe file's values, then the
     command line's flags, each overriding the one before (all through one HfArgumentParser)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, NanoVLMTrainingArguments))
-    parser.add_argument("--recipe", default=None, help="a JSON file of these flags (keys starting with _ are notes); "
+    parser.add_argument("--recipe", default=None, help="a JSON file of these flags (keys starting with _ are notes; "
+                        "\"then\": an object of a second stage's flags, trained from the first stage's model); "
                         "the command line's flags override it")
     known = {action.dest for action in parser._actions}
     recipe_path = parser.parse_known_args(argv)[0].recipe
     recipe = {k: v for k, v in read_recipe(recipe_path).items() if not k.startswith("_")} if recipe_path else {}
-    if unknown := sorted(set(recipe) - known):
+    then = recipe.pop("then", None)
+    if then is not None and not isinstance(then, dict):
+        raise ValueError(f"--recipe {recipe_path}: \"then\" must be a JSON object of flags for the second stage")
+    if unknown := sorted(set(recipe) - known) + sorted(f"then.{k}" for k in set(then or {}) - known):
         raise ValueError(f"--recipe {recipe_path}: unknown flag(s) {unknown}; see python train.py --help")
     parser.set_defaults(**{**DEFAULTS, **recipe, **launch_defaults()})
     *groups, rest = parser.parse_args_into_dataclasses(args=argv)  # rest: the --recipe flag itself
     return tuple(groups)
+
+
+FIRST_STAGE = "stage-1"  # a two-stage recipe's first model: OUTPUT_DIR/stage-1
+
+
+def second_stage(argv: list[str]) -> dict | None:
+    """The flags of the --recipe's "then" object: a second stage (e.g. self-critical fine-tuning) that starts
+    from the first stage's model; None for a one-stage run."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, NanoVLMTrainingArguments))
+    parser.add_argument("--recipe", default=None)
+    recipe_path = parser.parse_known_args(argv)[0].recipe
+    return read_recipe(recipe_path).get("then") if recipe_path else None
+
+
+def flag_list(flags: dict) -> list[str]:
+    return [item for key, value in flags.items() for item in (f"--{key}", str(value).lower() if isinstance(value, bool) else str(value))]
+
+
+def train_in_stages(argv: list[str], then: dict) -> None:
+    """A two-stage recipe: the first stage (the recipe and the command line) trains into OUTPUT_DIR/stage-1,
+    the second (those flags, then the recipe's "then" flags) starts from its model and trains into OUTPUT_DIR,
+    so OUTPUT_DIR holds the final model as after a one-stage run. With --resume_from_checkpoint latest a
+    finished first stage (its metrics.json written) is not run again and each stage resumes from its own
+    newest checkpoint; metrics.json sums both stages' wall time and samples."""
+    training_args = parse_args(argv)[2]
+    out = training_args.output_dir
+    first = os.path.join(out, FIRST_STAGE)
+    resuming = asks_to_resume(training_args.resume_from_checkpoint)
+    if training_args.process_index == 0:
+        prepare_output_dir(training_args)  # refuses a used OUTPUT_DIR unless resuming or overwriting
+    if resuming and os.path.exists(os.path.join(first, "metrics.json")):
+        logger.info("stage 1 of 2 finished before: %s", first)
+    else:
+        logger.info("stage 1 of 2: training into %s", first)
+        train_once(*parse_args([*argv, "--output_dir", first, "--push_to_hub", "false"]))
+    resume = resuming and any(
+        name.startswith("checkpoint-") and is_complete_checkpoint(os.path.join(out, name)) for name in os.listdir(out))
+    stage_two = flag_list(then) + ["--model_name_or_path", first, "--output_dir", out]
+    stage_two += ["--resume_from_checkpoint", "latest"] if resume else ["--resume_from_checkpoint", "false", "--overwrite_output_dir", "true"]
+    logger.info("stage 2 of 2: %s", " ".join(stage_two))
+    train_once(*parse_args([*argv, *stage_two]))
+    if training_args.process_index == 0:
+        with open(os.path.join(first, "metrics.json")) as f:
+            before = json.load(f)
+        with open(os.path.join(out, "metrics.json")) as f:
+            after = json.load(f)
+        after["stages"] = [{k: m.get(k) for k in ("wall_seconds", "global_step", "train_examples_seen", "final.eval_loss")}
+                           for m in (before, after)]
+        for key in ("wall_seconds", "train_examples_seen"):
+            after[key] = sum(stage[key] for stage in after["stages"])
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(after, f, indent=2)
 
 
 def launch_defaults() -> dict:
@@ -287,7 +345,7 @@ def prepare_output_dir(training_args) -> None:
     the highest step, and samples.jsonl is appended to. Other files are replaced as they are written.
     """
     out = training_args.output_dir
-    if not os.path.isdir(out) or not os.listdir(out) or training_args.resume_from_checkpoint:
+    if not os.path.isdir(out) or not os.listdir(out) or asks_to_resume(training_args.resume_from_checkpoint):
         return
     if not training_args.overwrite_output_dir:
         raise ValueError(
@@ -313,10 +371,14 @@ def is_complete_checkpoint(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
+def asks_to_resume(resume) -> bool:
+    return resume not in (None, False, "false", "False", "")
+
+
 def resolve_resume(resume, output_dir: str):
     """--resume_from_checkpoint: "latest" (or true) = the newest complete checkpoint in output_dir, skipping
     (and naming) one a kill left half-written; a path is used as given; None/false = start afresh."""
-    if resume in (None, False, "false", "False", ""):
+    if not asks_to_resume(resume):
         return None
     if resume not in (True, "latest", "true", "True"):
         if not os.path.isdir(resume):
@@ -756,7 +818,15 @@ def final_report(trainer, processor, validation, data_args, max_new_tokens, bad,
 
 
 def main(argv=None):
-    model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    then = second_stage(argv)
+    if then:
+        train_in_stages(argv, then)
+    else:
+        train_once(*parse_args(argv))
+
+
+def train_once(model_args, data_args, training_args):
     if data_args.eval_metrics not in (None, "grounding", "cider"):
         raise ValueError(f"--eval_metrics must be grounding or cider, got {data_args.eval_metrics!r}")
     if data_args.eval_metrics == "grounding" and data_args.dataset != "scenes":

@@ -8,8 +8,9 @@ Each recipe is a JSON file of train.py flags (keys starting with "_" are notes; 
 wall times are comparable; the table (markdown) and every metric (JSON) are written at the end
 and after each run, so an interrupted sweep keeps what finished. Each run has its own folder:
 a finished run (metrics.json there) is not run again, a stopped one resumes from its newest
-checkpoint. A recipe on COCO-layout data is then evaluated with `python -m evaluation` on every
-image of its validation file (caption metrics, the shuffled-image loss gap, distinct captions).
+checkpoint (a two-stage recipe, one with a "then" object, from its current stage's). A recipe on
+COCO-layout data is then evaluated with `python -m evaluation` on every image of its validation
+file (caption metrics, the shuffled-image loss gap, distinct captions).
 """
 
 import glob
@@ -40,7 +41,8 @@ def run_recipe(path: str, output_root: str, extra: list[str]) -> dict:
         row["returncode"] = 0
     else:
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--recipe", path, "--output_dir", out, *extra]
-        if glob.glob(os.path.join(out, "checkpoint-*")):
+        first_stage = os.path.join(out, "stage-1")  # a two-stage recipe's first stage (train.FIRST_STAGE)
+        if glob.glob(os.path.join(out, "checkpoint-*")) or glob.glob(os.path.join(first_stage, "checkpoint-*")):
             cmd += ["--resume_from_checkpoint", "latest"]
         elif os.path.isdir(out) and os.listdir(out):  # stopped before its first checkpoint: start it afresh
             cmd += ["--overwrite_output_dir", "true"]

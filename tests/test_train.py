@@ -248,6 +248,44 @@ def test_self_critical_fine_tuning_of_a_saved_captioner(tmp_path):
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_two_stage_recipe_fine_tunes_its_first_model_and_resumes_each_stage(tmp_path):
+    """A recipe with a "then" object trains its first stage into OUTPUT/stage-1, then the second (here
+    self-critical) from that model into OUTPUT. Resumed with a longer second stage, the finished first
+    stage is not run again and the second goes on from its own checkpoint."""
+    captions, images = write_coco(tmp_path / "coco", n=8)
+    stage_one = {"dataset": "coco", "caption_file": str(captions), "image_dir": str(images), "validation_fraction": 0.25,
+                 "per_device_train_batch_size": 4, "eval_strategy": "no", "save_steps": 2, "logging_steps": 1,
+                 "use_cpu": True, "max_steps": 4, "learning_rate": 1e-2, "aux_words_weight": 1.0}
+    then = {"self_critical_samples": 3, "self_critical_caption_weight": 0.5, "learning_rate": 1e-3, "max_steps": 2}
+    recipe = tmp_path / "two_stages.json"
+    recipe.write_text(json.dumps({**stage_one, "then": then}))
+    out = tmp_path / "run"
+    train.main([*TINY_MODEL, *QUIET, "--recipe", str(recipe), "--output_dir", str(out)])
+    first, final = metrics(out / "stage-1"), metrics(out)
+    assert first["global_step"] == 4 and "first_logged_aux_words" in first and "first_logged_sample_cider_d" not in first
+    assert final["global_step"] == 2 and "first_logged_sample_cider_d" in final
+    assert [stage["global_step"] for stage in final["stages"]] == [4, 2]
+    assert final["wall_seconds"] == pytest.approx(first["wall_seconds"] + final["stages"][1]["wall_seconds"])
+    before = NanoVLMForConditionalGeneration.from_pretrained(out / "stage-1").state_dict()
+    after = NanoVLMForConditionalGeneration.from_pretrained(out).state_dict()
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+    with pytest.raises(ValueError, match="already holds files"):  # a used folder is refused, as for one stage
+        train.main([*TINY_MODEL, *QUIET, "--recipe", str(recipe), "--output_dir", str(out)])
+    first_weights = (out / "stage-1" / "model.safetensors").stat().st_mtime_ns
+    second_checkpoint = (out / "checkpoint-2" / "model.safetensors").stat().st_mtime_ns
+    recipe.write_text(json.dumps({**stage_one, "then": {**then, "max_steps": 3}}))
+    train.main([*TINY_MODEL, *QUIET, "--recipe", str(recipe), "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    assert (out / "stage-1" / "model.safetensors").stat().st_mtime_ns == first_weights
+    assert (out / "checkpoint-2" / "model.safetensors").stat().st_mtime_ns == second_checkpoint  # resumed, not redone
+    resumed = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in resumed if "loss" in h] == [1, 2, 3] and metrics(out)["global_step"] == 3
+
+    recipe.write_text(json.dumps({**stage_one, "then": {"self_critical_sample": 3}}))
+    with pytest.raises(ValueError, match="then.self_critical_sample"):
+        train.main([*TINY_MODEL, *QUIET, "--recipe", str(recipe), "--output_dir", str(tmp_path / "misspelt")])
+
+
 def write_imagefolder(folder: Path, n: int, text_column: str) -> Path:
     """An `imagefolder` dataset: n PNGs and a metadata.jsonl captioning them."""
     folder.mkdir()
