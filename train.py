@@ -208,11 +208,22 @@ def second_stage(argv: list[str]) -> dict | None:
     parser = HfArgumentParser((ModelArguments, DataArguments, NanoVLMTrainingArguments))
     parser.add_argument("--recipe", default=None)
     recipe_path = parser.parse_known_args(argv)[0].recipe
-    return read_recipe(recipe_path).get("then") if recipe_path else None
+    then = read_recipe(recipe_path).get("then") if recipe_path else None
+    if then:
+        flag_list(then)  # refuses a value no flag can carry before the first stage starts
+    return then
 
 
 def flag_list(flags: dict) -> list[str]:
-    return [item for key, value in flags.items() for item in (f"--{key}", str(value).lower() if isinstance(value, bool) else str(value))]
+    """Command-line words for a recipe's {flag: value} (booleans as true/false, a list as several values)."""
+    words = []
+    for key, value in flags.items():
+        if value is None:
+            raise ValueError(f"--recipe: \"then\": {{\"{key}\": null}} cannot be passed as a flag; leave {key} out to keep "
+                             "the first stage's value, or give a value")
+        values = value if isinstance(value, list) else [value]
+        words += [f"--{key}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return words
 
 
 def train_in_stages(argv: list[str], then: dict) -> None:

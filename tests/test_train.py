@@ -284,6 +284,10 @@ def test_two_stage_recipe_fine_tunes_its_first_model_and_resumes_each_stage(tmp_
     recipe.write_text(json.dumps({**stage_one, "then": {"self_critical_sample": 3}}))
     with pytest.raises(ValueError, match="then.self_critical_sample"):
         train.main([*TINY_MODEL, *QUIET, "--recipe", str(recipe), "--output_dir", str(tmp_path / "misspelt")])
+    recipe.write_text(json.dumps({**stage_one, "then": {"max_length": None}}))
+    with pytest.raises(ValueError, match="leave max_length out"):
+        train.main([*TINY_MODEL, *QUIET, "--recipe", str(recipe), "--output_dir", str(tmp_path / "null")])
+    assert not (tmp_path / "null").exists()  # refused before the first stage trained
 
 
 def write_imagefolder(folder: Path, n: int, text_column: str) -> Path:
