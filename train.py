@@ -20,6 +20,7 @@ A recipe whose "then" object holds a second stage's flags (e.g. self-critical fi
 first stage into OUTPUT_DIR/stage-1 and the second, from that model, into OUTPUT_DIR.
 """
 
+import argparse
 import json
 import logging
 import math
@@ -187,8 +188,7 @@ def parse_args(argv: list[str]):
                         "\"then\": an object of a second stage's flags, trained from the first stage's model); "
                         "the command line's flags override it")
     known = {action.dest for action in parser._actions}
-    recipe_path = parser.parse_known_args(argv)[0].recipe
-    recipe = {k: v for k, v in read_recipe(recipe_path).items() if not k.startswith("_")} if recipe_path else {}
+    recipe_path, recipe = recipe_of(argv)
     then = recipe.pop("then", None)
     if then is not None and not isinstance(then, dict):
         raise ValueError(f"--recipe {recipe_path}: \"then\" must be a JSON object of flags for the second stage")
@@ -199,16 +199,21 @@ def parse_args(argv: list[str]):
     return tuple(groups)
 
 
+def recipe_of(argv: list[str]) -> tuple[str | None, dict]:
+    """The --recipe file named in argv and its flags (notes, the keys starting with _, left out)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--recipe", default=None)
+    path = parser.parse_known_args(argv)[0].recipe
+    return path, ({k: v for k, v in read_recipe(path).items() if not k.startswith("_")} if path else {})
+
+
 FIRST_STAGE = "stage-1"  # a two-stage recipe's first model: OUTPUT_DIR/stage-1
 
 
 def second_stage(argv: list[str]) -> dict | None:
     """The flags of the --recipe's "then" object: a second stage (e.g. self-critical fine-tuning) that starts
     from the first stage's model; None for a one-stage run."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, NanoVLMTrainingArguments))
-    parser.add_argument("--recipe", default=None)
-    recipe_path = parser.parse_known_args(argv)[0].recipe
-    then = read_recipe(recipe_path).get("then") if recipe_path else None
+    then = recipe_of(argv)[1].get("then")
     if then:
         flag_list(then)  # refuses a value no flag can carry before the first stage starts
     return then
