@@ -201,7 +201,7 @@ def parse_args(argv: list[str]):
 
 def recipe_of(argv: list[str]) -> tuple[str | None, dict]:
     """The --recipe file named in argv and its flags (notes, the keys starting with _, left out)."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--recipe", default=None)
     path = parser.parse_known_args(argv)[0].recipe
     return path, ({k: v for k, v in read_recipe(path).items() if not k.startswith("_")} if path else {})
