@@ -164,6 +164,12 @@ class NanoVLMTrainingArguments(TrainingArguments):
         metadata={"help": "self-critical training: add this weight times the caption loss on the batch's human captions "
                   "(keeps the model near the captions it was trained on; 0: the self-critical loss alone)"},
     )
+    self_critical_distinct_weight: float = field(
+        default=0.0,
+        metadata={"help": "self-critical training: subtract this weight times each sample's mean CIDEr-D against the "
+                  "captions of other images of the batch (up to 4), so a caption that would fit any photo earns less "
+                  "than one that fits only its own (keeps captions distinct; 0: the plain CIDEr-D reward)"},
+    )
 
 
 def read_recipe(path: str) -> dict:
@@ -566,13 +572,36 @@ class SelfCritical:
     those below less likely: the model is trained on whole captions of its own, scored by the metric, where the
     caption loss trains the next word after a human's words. With `caption_weight`, the NanoVLMTrainer adds that
     times the caption loss of the batch's human captions (a mixed objective that keeps the model near them).
+
+    With `distinct_weight`, a sample's reward is its score against its own image's captions less that weight
+    times its mean score against the captions of up to `num_others` other images of the batch (the next ones,
+    cyclically): the metric alone pays a safe caption that fits many photos ("a dog runs through the grass")
+    about as well as one that fits this photo only, and plain self-critical training drifts towards the former.
     """
 
-    def __init__(self, processor, reward, num_samples: int, max_new_tokens: int, caption_weight: float = 0.0):
+    num_others = 4
+
+    def __init__(self, processor, reward, num_samples: int, max_new_tokens: int, caption_weight: float = 0.0,
+                 distinct_weight: float = 0.0):
         if num_samples < 2:
             raise ValueError(f"--self_critical_samples must be 2 or more (each sample's baseline is its siblings' mean), got {num_samples}")
         self.processor, self.reward, self.num_samples, self.max_new_tokens = processor, reward, num_samples, max_new_tokens
         self.caption_weight = caption_weight  # the NanoVLMTrainer adds this times the caption loss
+        self.distinct_weight = distinct_weight
+
+    def rewards(self, texts: list[str], references: list[list[str]]) -> tuple[torch.Tensor, float]:
+        """(each sample's reward `(B, num_samples)`, the samples' mean score against their own image's captions)
+        for `texts`, the samples of image i at `i * num_samples ...`, and `references`, one list per image."""
+        k, own_refs = self.num_samples, [refs for refs in references for _ in range(self.num_samples)]
+        own = torch.tensor(self.reward(texts, own_refs), dtype=torch.float32).view(-1, k)
+        rewards = own
+        others = min(self.num_others, len(references) - 1)
+        if self.distinct_weight and others > 0:
+            other_refs = [references[(i // k + shift) % len(references)] for shift in range(1, others + 1)
+                          for i in range(len(texts))]
+            scores = torch.tensor(self.reward(texts * others, other_refs), dtype=torch.float32).view(others, -1, k)
+            rewards = own - self.distinct_weight * scores.mean(0)
+        return rewards, float(own.mean())
 
     @torch.no_grad()
     def sample(self, model, pixel_values):
@@ -594,13 +623,12 @@ class SelfCritical:
         return prompt, new, keep
 
     def loss(self, model, unwrapped, pixel_values, references):
-        """(the loss, the samples' mean reward). `model` takes the gradient pass (DDP-wrapped or not),
-        `unwrapped` samples."""
+        """(the loss, the samples' mean CIDEr-D against their own image's captions). `model` takes the gradient
+        pass (DDP-wrapped or not), `unwrapped` samples."""
         prompt, new, keep = self.sample(unwrapped, pixel_values)
         k = self.num_samples
-        texts = self.processor.batch_decode(new)
-        rewards = torch.tensor(self.reward(texts, [refs for refs in references for _ in range(k)]), device=new.device)
-        rewards = rewards.view(-1, k)
+        rewards, own = self.rewards(self.processor.batch_decode(new), references)
+        rewards = rewards.to(new.device)
         baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
         advantage = (rewards - baseline).flatten()
         input_ids = torch.cat([prompt.repeat_interleave(k, 0), new], 1)
@@ -608,7 +636,7 @@ class SelfCritical:
                        logits_to_keep=new.shape[1] + 1).logits[:, :-1]  # the logits that predict each sampled token
         log_probs = logits.float().log_softmax(-1).gather(-1, new[..., None]).squeeze(-1)
         loss = -(advantage[:, None] * log_probs * keep).sum() / keep.sum().clamp(min=1)
-        return loss, float(rewards.mean())
+        return loss, own
 
 
 class NanoVLMTrainer(Trainer):
@@ -752,7 +780,8 @@ def self_critical_setup(model_args: ModelArguments, training_args, processor, tr
     logger.info("self-critical training: %d samples per image, CIDEr-D reward with the document frequencies of %d training "
                 "images' captions; the training-only losses are off", training_args.self_critical_samples, len(corpus))
     return SelfCritical(processor, CiderD(list(corpus.values())), training_args.self_critical_samples,
-                        training_args.self_critical_max_new_tokens, training_args.self_critical_caption_weight)
+                        training_args.self_critical_max_new_tokens, training_args.self_critical_caption_weight,
+                        training_args.self_critical_distinct_weight)
 
 
 def eval_metric_scores(name: str, captions: list[str], examples: list[dict]) -> dict:
@@ -847,6 +876,12 @@ def train_once(model_args, data_args, training_args):
         raise ValueError(f"--eval_metrics must be grounding or cider, got {data_args.eval_metrics!r}")
     if data_args.eval_metrics == "grounding" and data_args.dataset != "scenes":
         raise ValueError("--eval_metrics grounding needs --dataset scenes (it uses the scenes' ground truth); use cider")
+    weights = {"caption": training_args.self_critical_caption_weight, "distinct": training_args.self_critical_distinct_weight}
+    if any(weights.values()) and not training_args.self_critical_samples:
+        raise ValueError(f"--self_critical_caption_weight and --self_critical_distinct_weight weigh parts of self-critical "
+                         f"training (got {weights}): pass --self_critical_samples too, or leave them at 0")
+    if min(weights.values()) < 0:
+        raise ValueError(f"--self_critical_caption_weight and --self_critical_distinct_weight must be 0 or more, got {weights}")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_launch(training_args)
     transformers.set_seed(training_args.seed)

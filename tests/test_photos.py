@@ -159,6 +159,22 @@ def test_self_critical_loss_is_zero_when_the_reward_cannot_tell_samples_apart(te
         train.SelfCritical(processor, lambda texts, refs: [0.0] * len(texts), num_samples=1, max_new_tokens=6)
 
 
+def test_distinct_reward_takes_off_what_a_sample_scores_on_the_other_photos(processor):
+    """With a distinct weight, a sample's reward is its score on its own image's captions less that weight times
+    its mean score on the captions of the next images of the batch (up to 4): a caption that fits every photo
+    earns less than one that fits its own only. The reported mean is the own score alone."""
+    def exact(texts, refs):
+        return [float(text in r) for text, r in zip(texts, refs)]
+
+    references = [["a dog"], ["a cat"], ["a dog"]]
+    texts = ["a dog", "a bird", "a cat", "a dog", "a dog", "a fox"]  # two samples of each image, next to each other
+    plain, own = train.SelfCritical(processor, exact, num_samples=2, max_new_tokens=6).rewards(texts, references)
+    assert plain.tolist() == [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]] and own == 0.5
+    rewards, own = train.SelfCritical(processor, exact, num_samples=2, max_new_tokens=6, distinct_weight=0.5).rewards(texts, references)
+    # "a dog" of image 0 also fits image 2 (1 of its 2 others): 1 - 0.5 * 0.5; "a cat" of image 1 fits neither other
+    assert rewards.tolist() == [[0.75, 0.0], [1.0, -0.5], [0.75, 0.0]] and own == 0.5
+
+
 def test_self_critical_training_raises_the_reward_of_its_samples(tester, processor, images):
     """After a little caption loss the model writes one of the eight toy captions, whichever the picture.
     Self-critical steps rewarded by CIDEr-D against one of them (the same target for every picture; document
@@ -192,13 +208,22 @@ def test_self_critical_training_raises_the_reward_of_its_samples(tester, process
     assert last > max(4.0, 2 * first), rewards
 
 
-def _flickr_subset(path: Path, source: str, num_images: int) -> Path:
+def _flickr_subset(folder: Path, source: str, num_images: int, longest_side: int = 128) -> tuple[Path, Path]:
+    """The first `num_images` photos of a Flickr8k split with their captions, copied into `folder` shrunk to
+    `longest_side` pixels: a 64-pixel model sees the same picture, and decoding a 500x375 JPEG 25,000 times
+    would take most of the test's time."""
     coco = json.loads((FLICKR8K / source).read_text())
     images = sorted(coco["images"], key=lambda im: im["id"])[:num_images]
     keep = {im["id"] for im in images}
+    (folder / "images").mkdir(parents=True)
+    for im in images:
+        with Image.open(FLICKR8K / "images" / im["file_name"]) as photo:
+            photo = photo.convert("RGB")
+            photo.thumbnail((longest_side, longest_side), Image.Resampling.BICUBIC)
+            photo.save(folder / "images" / im["file_name"], quality=95)
     subset = {"images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}
-    path.write_text(json.dumps(subset))
-    return path
+    (folder / "captions.json").write_text(json.dumps(subset))
+    return folder / "captions.json", folder / "images"
 
 
 def test_short_photo_run_with_the_recipes_losses_reads_the_image(tmp_path):
@@ -210,11 +235,11 @@ def test_short_photo_run_with_the_recipes_losses_reads_the_image(tmp_path):
     assert recipe["aux_words_weight"] > 0 and recipe["augment"]
     recipe.pop("then", None)  # its first stage: the losses that teach it to read the photo
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
-    train_file = _flickr_subset(tmp_path / "train.json", "captions_train.json", 300)
+    train_file, image_dir = _flickr_subset(tmp_path / "photos", "captions_train.json", 300)
     out = tmp_path / "run"
     train.main([
         "--recipe", str(tmp_path / "recipe.json"),
-        "--caption_file", str(train_file), "--image_dir", str(FLICKR8K / "images"),
+        "--caption_file", str(train_file), "--image_dir", str(image_dir),
         "--validation_caption_file", str(train_file), "--num_validation_examples", "64",
         "--image_size", "64", "--vocab_size", "1000", "--config_overrides",
         "hidden_size=64,num_hidden_layers=2,num_attention_heads=4,vision_hidden_size=64,vision_num_hidden_layers=2,"

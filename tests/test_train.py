@@ -238,8 +238,11 @@ def test_self_critical_fine_tuning_of_a_saved_captioner(tmp_path):
     train.main([*args, "--output_dir", str(tmp_path / "base"), "--max_steps", "4", "--learning_rate", "1e-2"])
     with pytest.raises(ValueError, match="--model_name_or_path"):
         train.main([*args, "--output_dir", str(tmp_path / "alone"), "--max_steps", "1", "--self_critical_samples", "3"])
+    with pytest.raises(ValueError, match="pass --self_critical_samples too"):
+        train.main([*args, "--output_dir", str(tmp_path / "alone"), "--self_critical_distinct_weight", "0.5"])
     train.main([*args, "--output_dir", str(tmp_path / "scst"), "--max_steps", "3", "--self_critical_samples", "3",
-                "--model_name_or_path", str(tmp_path / "base"), "--aux_words_weight", "1.0", "--self_critical_caption_weight", "0.5"])
+                "--model_name_or_path", str(tmp_path / "base"), "--aux_words_weight", "1.0", "--self_critical_caption_weight", "0.5",
+                "--self_critical_distinct_weight", "0.5"])
     result = metrics(tmp_path / "scst")
     assert result["global_step"] == 3 and "first_logged_sample_cider_d" in result and "first_logged_aux_words" not in result
     assert result["last_logged_sample_cider_d"] >= 0
