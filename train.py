@@ -592,15 +592,13 @@ class SelfCritical:
     def rewards(self, texts: list[str], references: list[list[str]]) -> tuple[torch.Tensor, float]:
         """(each sample's reward `(B, num_samples)`, the samples' mean score against their own image's captions)
         for `texts`, the samples of image i at `i * num_samples ...`, and `references`, one list per image."""
-        k, own_refs = self.num_samples, [refs for refs in references for _ in range(self.num_samples)]
-        own = torch.tensor(self.reward(texts, own_refs), dtype=torch.float32).view(-1, k)
-        rewards = own
-        others = min(self.num_others, len(references) - 1)
-        if self.distinct_weight and others > 0:
-            other_refs = [references[(i // k + shift) % len(references)] for shift in range(1, others + 1)
-                          for i in range(len(texts))]
-            scores = torch.tensor(self.reward(texts * others, other_refs), dtype=torch.float32).view(others, -1, k)
-            rewards = own - self.distinct_weight * scores.mean(0)
+        k, n = self.num_samples, len(references)
+        others = min(self.num_others, n - 1) if self.distinct_weight else 0
+        # shift 0 scores each sample against its own image's captions, shift s against those of image i + s
+        refs = [references[(i // k + shift) % n] for shift in range(others + 1) for i in range(len(texts))]
+        scores = torch.tensor(self.reward(texts * (others + 1), refs), dtype=torch.float32).view(others + 1, -1, k)
+        own = scores[0]
+        rewards = own - self.distinct_weight * scores[1:].mean(0) if others else own
         return rewards, float(own.mean())
 
     @torch.no_grad()

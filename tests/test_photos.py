@@ -210,8 +210,8 @@ def test_self_critical_training_raises_the_reward_of_its_samples(tester, process
 
 def _flickr_subset(folder: Path, source: str, num_images: int, longest_side: int = 128) -> tuple[Path, Path]:
     """The first `num_images` photos of a Flickr8k split with their captions, copied into `folder` shrunk to
-    `longest_side` pixels: a 64-pixel model sees the same picture, and decoding a 500x375 JPEG 25,000 times
-    would take most of the test's time."""
+    `longest_side` pixels: a 64-pixel model sees the same picture, and decoding the full-size JPEGs 25,600 times
+    took most of the test's time."""
     coco = json.loads((FLICKR8K / source).read_text())
     images = sorted(coco["images"], key=lambda im: im["id"])[:num_images]
     keep = {im["id"] for im in images}
