@@ -1,9 +1,16 @@
 """Shared fixtures: everything runs offline on the CPU with tiny configs."""
 
 import os
+import socket
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N` (setup.cfg): N workers share the cores
+    # One thread per worker and per process a test starts: more threads than cores slow torch several-fold.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    # Remote code is copied into the modules cache on load; each worker gets its own so none reads a half-written file.
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"hf-modules-{os.environ['PYTEST_XDIST_WORKER']}-")
 
 import pytest
 import torch
@@ -35,6 +42,13 @@ def toy_image(index: int, size: int = 32) -> Image.Image:
     return image
 
 
+def free_port() -> int:
+    """A local TCP port nothing listens on now (for a test's own server or rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class NanoVLMModelTester:
     """Builds tiny NanoVLM configs and inputs (transformers' ModelTester pattern)."""
 
@@ -55,6 +69,12 @@ class NanoVLMModelTester:
     def get_model(self, **overrides) -> NanoVLMForConditionalGeneration:
         torch.manual_seed(0)
         return NanoVLMForConditionalGeneration(self.get_config(**overrides)).eval()
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests (marked `slow`) go first: parallel workers (`--dist load` hands tests out in order) start
+    them at once and share out the short ones after, instead of one worker starting a 5-minute test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,13 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import toy_image
+from conftest import free_port, toy_image
 from fake_openai_server import FakeOpenAIServer, child_text
 from PIL import Image
 
@@ -330,9 +329,7 @@ def test_builder_never_copies_a_file_outside_the_image_folder_or_not_an_image(tm
 
 def test_builder_stops_when_the_server_is_unreachable_and_marks_nothing_failed(tmp_path, caplog):
     write_coco(tmp_path, 6)
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens on it
     with caplog.at_level(logging.ERROR):
         status = run_builder(tmp_path, f"http://127.0.0.1:{port}/v1", "--max_attempts", "3")
     assert status != 0 and f"server unreachable at http://127.0.0.1:{port}/v1" in caplog.text

@@ -1,7 +1,10 @@
 """Auto classes, remote code in a fresh process, both pipelines, and a tiny model that learns."""
 
+import importlib.metadata
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -135,10 +138,29 @@ def declared_transformers_range() -> tuple[str, str]:
     return low, f"{major}.{int(minor) - 1}"
 
 
+def link_distribution(name: str, python: str) -> None:
+    """Put this environment's installed `name` into `python`'s environment as hard links of its files (copies across
+    file systems): pip then finds it installed, and torch's ~1 GB is neither unpacked nor copied again."""
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    distribution = importlib.metadata.distribution(name)
+    root = Path(distribution.locate_file("")).resolve()
+    for file in distribution.files:
+        source = Path(distribution.locate_file(file)).resolve()
+        if not source.is_file() or not source.is_relative_to(root):  # e.g. bin/torchrun: its shebang names our Python
+            continue
+        target = Path(purelib) / source.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+
 @pytest.fixture(scope="session")
 def oldest_transformers_python():
-    """A Python whose environment has only torch, Pillow and the oldest transformers the project declares, in
-    `.venv-transformers-<minor>` at the repository root: built once (pip's cache keeps the wheels), reused after."""
+    """A Python whose environment has only torch (this one's, linked), Pillow and the oldest transformers the project
+    declares, in `.venv-transformers-<minor>` at the repository root: built once, reused after."""
     oldest, _ = declared_transformers_range()
     venv = ROOT / f".venv-transformers-{oldest}"
     python = venv / "bin" / "python"
@@ -146,11 +168,11 @@ def oldest_transformers_python():
     installed = subprocess.run(check, capture_output=True, text=True) if python.exists() else None
     if installed is None or installed.returncode or not installed.stdout.startswith(oldest + "."):
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        torch_version = torch.__version__.split("+")[0]  # the same torch: only transformers differs
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        for packages in ([f"torch=={torch_version}"], [f"transformers~={oldest}.0", "pillow"]):
-            result = subprocess.run(pip + packages, capture_output=True, text=True, timeout=1800)
-            assert result.returncode == 0, f"could not install {packages} into {venv}: {result.stderr[-2000:]}"
+        link_distribution("torch", str(python))  # the same torch: only transformers differs
+        packages = [f"torch=={torch.__version__}", f"transformers~={oldest}.0", "pillow"]  # torch's own dependencies come too
+        result = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages],
+                                capture_output=True, text=True, timeout=1800)
+        assert result.returncode == 0, f"could not install {packages} into {venv}: {result.stderr[-2000:]}"
     return python
 
 
@@ -161,7 +183,7 @@ def test_declared_newest_transformers_is_the_one_installed():
     assert tuple(map(int, oldest.split("."))) <= tuple(map(int, newest.split(".")))
 
 
-@pytest.mark.parametrize("transformers_version", ["installed", "oldest declared"])
+@pytest.mark.parametrize("transformers_version", ["installed", pytest.param("oldest declared", marks=pytest.mark.slow)])
 def test_fresh_process_loads_remote_code_and_gets_same_tokens(trained_dir, processor, tmp_path, transformers_version, request):
     """The folder's own code, in a process that cannot import the project, under the installed transformers and
     under the oldest one setup.cfg declares (its own virtual environment), gives the same greedy tokens."""

