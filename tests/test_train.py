@@ -350,11 +350,11 @@ def test_missing_shared_data_is_said_clearly(tmp_path):
 def test_default_recipe_names_what_is_in_the_picture(tmp_path):
     """A short version of the default run (mini-112, per-token auxiliary loss, lr 5e-4, batch 16):
     16,000 scenes, about 4.5 minutes on 2 threads, 5 on the one thread of a suite worker, on 100 validation scenes.
-    Recall is still on its steep rise here and depends on the initialisation and the threads' arithmetic: 0.077 and
-    0.160 with seeds 0 and 1 on 2 threads (CHAIR-i 0.83 / 0.76), 0.116 with seed 0 on one (CHAIR-i 0.81),
-    where the former default (mini at 224 pixels, pooled visual tokens, no auxiliary loss) reached 0.034 after 20,000;
-    the shuffled-image loss gap, 0.34 / 0.35 (0.34 on one thread), says more steadily that the decoder reads the picture.
-    The full default crosses 0.8 (docs/experiments.md)."""
+    Recall is still on its steep rise here and depends on the initialisation and the CPU's arithmetic: 0.077 and 0.160
+    with seeds 0 and 1 on 2 threads (CHAIR-i 0.83 / 0.76), 0.116 with seed 0 on one thread of a CPU without AVX-512
+    (CHAIR-i 0.81), where the former default (mini at 224 pixels, pooled visual tokens, no auxiliary loss) reached 0.034
+    after 20,000; the shuffled-image loss gap, 0.34 / 0.35 (0.34 on one thread), says more steadily that the decoder
+    reads the picture. The full default crosses 0.8 (docs/experiments.md)."""
     out = tmp_path / "see"
     train.main(["--output_dir", str(out), "--num_train_examples", "16000", "--num_validation_examples", "100",
                 "--eval_strategy", "no", "--save_strategy", "no", "--num_sample_captions", "0",
