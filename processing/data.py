@@ -158,13 +158,21 @@ def decode_error(value) -> str | None:
 
 
 def check_images(dataset: datasets.Dataset, split: str, skip_bad_images: bool, bad: BadImages) -> datasets.Dataset:
-    """Decode every image once; raise naming the broken ones, or drop and record them."""
+    """Decode every image once (a file that several rows share, e.g. one row per caption, once for all of them);
+    raise naming the broken ones, or drop and record every row that has one."""
     raw = dataset.cast_column("image", datasets.Image(decode=False))
-    found = []
+    found, by_path = [], {}  # by_path: file -> None or why it does not decode
     for row, value in enumerate(tqdm(raw["image"], desc=f"checking {split} images", mininterval=2)):
         if value is None:
             found.append((split, row, "<none>", "empty image cell"))
-        elif (reason := decode_error(value)) is not None:
+            continue
+        if value.get("bytes") is not None:
+            reason = decode_error(value)
+        elif value["path"] in by_path:
+            reason = by_path[value["path"]]
+        else:
+            reason = by_path[value["path"]] = decode_error(value)
+        if reason is not None:
             found.append((split, row, value.get("path") or f"row {row}", reason))
     if not found:
         return dataset

@@ -231,6 +231,19 @@ def test_bad_images_stop_the_run_unless_skipped(tmp_path):
     assert reasons["5.jpg"] == "file not found"
 
 
+def test_image_check_decodes_a_shared_file_once_and_reports_every_row(tmp_path, monkeypatch):
+    captions, images = write_coco(tmp_path / "coco", n=4, broken=[1], missing=[3])
+    every = data.load_coco_captions(str(captions), str(images), "all")  # two rows (captions) per image
+    decoded = []
+    monkeypatch.setattr(data, "decode_error", lambda value, real=data.decode_error: decoded.append(value["path"]) or real(value))
+    bad = data.BadImages()
+    kept = data.check_images(every, "train", True, bad)
+    assert sorted(Path(p).name for p in decoded) == ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]
+    assert sorted(kept["text"]) == [f"picture {i} caption {k} ." for i in (0, 2) for k in (0, 1)]
+    assert [(row, Path(name).name) for _, row, name, _ in bad.rows] == [(2, "1.jpg"), (3, "1.jpg"), (6, "3.jpg"), (7, "3.jpg")]
+    assert bad.rows[-1][3] == "file not found"
+
+
 def test_self_critical_fine_tuning_of_a_saved_captioner(tmp_path):
     """--self_critical_samples fine-tunes the model of --model_name_or_path on its own sampled captions, logging
     their mean CIDEr-D; without a starting model it is refused."""
