@@ -156,7 +156,8 @@ def machine(device: str, threads: int) -> dict:
 
 def git_state() -> dict:
     def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # `git status` takes no index lock another git command could meet
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, env=env).stdout.strip()
 
     try:
         return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}

@@ -22,7 +22,7 @@ from processing.llm_client import JsonlCache, LLMClient, json_schema_format, jso
 from processing.prompts import PROMPT_VERSION, Prompts, load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--model", "fake", "--timeout", "0.5", "--backoff_base", "0.01", "--backoff_max", "0.05"]
+FAST = ["--model", "fake", "--timeout", "2", "--backoff_base", "0.01", "--backoff_max", "0.05"]
 KEY = ("fake", PROMPT_VERSION)
 
 
@@ -141,7 +141,7 @@ def test_faults_are_retried_re_asked_or_recorded_with_the_right_reason(tmp_path)
         "2": ["429", "ok"], "3": ["500", "500", "ok"], "4": ["hang", "ok"], "5": ["malformed", "ok"],
         "6": ["short", "ok"], "7": ["long"], "8": ["500"],
     }
-    with FakeOpenAIServer(script=script, hang_seconds=1.5) as server:
+    with FakeOpenAIServer(script=script, hang_seconds=3) as server:
         status, report = build(server, tmp_path, "--style", "short", "--max_attempts", "4", "--max_reasks", "2", "--concurrency", "4")
     assert status == 0
     # Every retry and re-ask is a request, and there is no other: 1 ok, 429+ok, 500+500+ok, hang+ok,

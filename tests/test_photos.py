@@ -227,6 +227,7 @@ def _flickr_subset(folder: Path, source: str, num_images: int, longest_side: int
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # about 2 minutes on a suite worker's one thread; more when the CPU is shared
 def test_short_photo_run_with_the_recipes_losses_reads_the_image(tmp_path):
     """A few hundred real photos, the best recipe's losses and augmentation, a small model: after two
     minutes the captions of its photos are clearly likelier with their own image than with another's."""
