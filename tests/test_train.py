@@ -15,8 +15,10 @@ from conftest import free_port
 from safetensors.torch import load_file
 
 import train
-from modeling_nanovlm import NanoVLMForConditionalGeneration
-from processing import data
+from evaluation.captioning import generate_captions
+from evaluation.grounding import grounding_scores
+from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor
+from processing import data, scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
@@ -361,22 +363,31 @@ def test_missing_shared_data_is_said_clearly(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # about 5 minutes on one thread (the suite's workers); more when the CPU is shared
 def test_default_recipe_names_what_is_in_the_picture(tmp_path):
-    """A short version of the default run (mini-112, per-token auxiliary loss, lr 5e-4, batch 16):
-    16,000 scenes, about 4.5 minutes on 2 threads, 5 on the one thread of a suite worker, on 100 validation scenes.
-    Recall is still on its steep rise here and depends on the initialisation and the CPU's arithmetic: 0.077 and 0.160
-    with seeds 0 and 1 on 2 threads (CHAIR-i 0.83 / 0.76), 0.116 with seed 0 on one thread of a CPU without AVX-512
-    (CHAIR-i 0.81), where the former default (mini at 224 pixels, pooled visual tokens, no auxiliary loss) reached 0.034
-    after 20,000; the shuffled-image loss gap, 0.34 / 0.35 (0.34 on one thread), says more steadily that the decoder
-    reads the picture. The full default crosses 0.8 (docs/experiments.md)."""
+    """A short version of the default run (mini-112, per-token auxiliary loss, lr 5e-4, batch 16): 16,000 scenes,
+    about 4.5 minutes on 2 threads, 5 on the one thread of a suite worker, then its greedy captions of 100 validation
+    scenes scored against their own scenes and against other scenes (the list rolled by half: what a blind captioner
+    would score). Recall is on its steep rise here and depends on the initialisation and the CPU's arithmetic (0.077
+    and 0.160 with seeds 0 and 1 on 2 threads, 0.116 with seed 0 on one thread of a CPU without AVX-512); the same
+    captions against other scenes recall 0.006-0.022. CHAIR-i is not asserted: at this stage it is about the same
+    against other scenes (0.81 own, 0.82-0.84 rolled by 1, 37 or 50). The full default names over 80% of the objects
+    with CHAIR-i 0.02-0.04 (docs/experiments.md)."""
     out = tmp_path / "see"
     train.main(["--output_dir", str(out), "--num_train_examples", "16000", "--num_validation_examples", "100",
                 "--eval_strategy", "no", "--save_strategy", "no", "--num_sample_captions", "0",
                 "--disable_tqdm", "true", "--use_cpu"])
     result = metrics(out)
     assert result["train_examples_seen"] == 16000
-    assert result["grounding.object_recall"] >= 0.05, result
-    assert result["image_use.image_gap"] >= 0.25, result  # a blind decoder scores 0
-    assert result["grounding.chair_i"] <= 0.85, result
+    assert result["image_use.image_gap"] >= 0.25, result  # a blind decoder scores 0; 0.34-0.35 measured
+
+    model = NanoVLMForConditionalGeneration.from_pretrained(out).eval()
+    processor = NanoVLMProcessor.from_pretrained(out)
+    validation = scenes.scenes_dataset(100, scenes.VALIDATION_SEED, image_size=model.config.image_size)
+    captions = generate_captions(model, processor, validation["image"], max_new_tokens=48)  # train.py: short style
+    truth = [scenes.scene_from_row(row) for row in validation]
+    own = grounding_scores(captions, truth)["object_recall"]
+    blind = grounding_scores(captions, truth[50:] + truth[:50])["object_recall"]
+    assert own == pytest.approx(result["grounding.object_recall"])  # the run's own report scored these captions
+    assert own >= 0.05 and own >= blind + 0.04, (own, blind)
 
 
 def test_aux_grounding_head_trains_but_is_not_released(tmp_path):
