@@ -137,6 +137,13 @@ class DataArguments:
                   "(multi-label, from the mean visual token); 0 = off. The saved model stays a plain captioner"},
     )
     aux_words_min_count: int = field(default=5, metadata={"help": "words loss: vocabulary = content words used this often"})
+    aux_mim_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of a training-only masked-image-modelling loss (SimMIM/MAE-style): the vision tower sees "
+                  "the image with --aux_mim_mask_ratio of its patches replaced by a mask token and a linear head predicts "
+                  "their pixels (each patch normalized); 0 = off. Costs a second pass of the vision tower a step"},
+    )
+    aux_mim_mask_ratio: float = field(default=0.6, metadata={"help": "masked-image modelling: share of the patches masked"})
     augment: bool = field(
         default=False,
         metadata={"help": "augment training images: random resized crop, flip (left/right swapped in the caption), "
@@ -510,6 +517,16 @@ class AuxTargetsCollator:
         return batch
 
 
+TRAINING_HEADS = ("aux_grounding_head", "aux_words_head", "aux_mim_head")
+
+
+def remove_training_heads(model) -> None:
+    """Drop the training-only losses' heads: the released model is a plain captioner."""
+    for head in TRAINING_HEADS:
+        if hasattr(model, head):
+            delattr(model, head)
+
+
 def token_grid(config: NanoVLMConfig) -> int:
     """Side of the square map of visual tokens the decoder reads (the [CLS] token aside)."""
     if config.vision_feature_select == "cls":
@@ -524,6 +541,35 @@ def grounding_loss(model, image_tokens, targets):
     num_kinds = len(scenes.KINDS) + 1
     return F.cross_entropy(logits[..., :num_kinds].flatten(0, 1), kinds.flatten()) + F.cross_entropy(
         logits[..., num_kinds:].flatten(0, 1), colors.flatten())
+
+
+class MaskedImageHead(torch.nn.Module):
+    """Masked-image modelling's training-only parts: the mask token the vision tower puts in place of the masked
+    patches, and a linear map from each patch's output to its pixels (as SimMIM's one-layer head)."""
+
+    def __init__(self, config: NanoVLMConfig, mask_ratio: float):
+        super().__init__()
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"--aux_mim_mask_ratio must be between 0 and 1 (a share of the patches), got {mask_ratio}")
+        self.mask_ratio = mask_ratio
+        self.mask_token = torch.nn.Parameter(torch.randn(config.vision_hidden_size) * 0.02)
+        self.to_pixels = torch.nn.Linear(config.vision_hidden_size, config.num_channels * config.patch_size**2)
+
+
+def mim_loss(model, image_tokens, targets):
+    """Masked-image modelling: mask a random `mask_ratio` of each image's patches, run the vision tower on the rest
+    and the mask tokens, and score the predicted pixels of the masked patches (MSE against each patch's pixels
+    normalized to mean 0, variance 1, as MAE's best target). `image_tokens` is unused: it is a second pass."""
+    head, pixels, config = model.aux_mim_head, targets["pixel_values"], model.config
+    batch, patches = pixels.shape[0], config.num_patches
+    masked = round(head.mask_ratio * patches)
+    order = torch.rand(batch, patches, device=pixels.device).argsort(dim=1)
+    mask = torch.zeros(batch, patches, dtype=torch.bool, device=pixels.device).scatter_(1, order[:, :masked], True)
+    hidden = model.model.vision_tower(pixels.to(model.dtype), bool_masked_pos=mask, mask_token=head.mask_token)
+    predicted = head.to_pixels(hidden[:, 1:]).float()  # (B, patches, channels * patch * patch)
+    target = F.unfold(pixels.float(), config.patch_size, stride=config.patch_size).transpose(1, 2)  # the same layout
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    return ((predicted - target) ** 2).mean(-1)[mask].mean()
 
 
 def words_loss(model, image_tokens, targets):
@@ -696,8 +742,9 @@ class NanoVLMTrainer(Trainer):
             loss, outputs = self._smoothed_caption_loss(model, inputs, num_items_in_batch)
         else:
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if targets and model.training:
+        if self.aux_losses and model.training:
             unwrapped = self.accelerator.unwrap_model(model)
+            targets["pixel_values"] = inputs["pixel_values"]  # masked-image modelling's target
             for name, (weight, function) in self.aux_losses.items():
                 aux = function(unwrapped, outputs.image_hidden_states, targets)
                 loss = loss + weight * aux / self.args.gradient_accumulation_steps
@@ -756,9 +803,14 @@ def trainer_setup(model, data_args: DataArguments, collator: NanoVLMCollator, tr
         # loss's size, not one dominated by thousands of 50% guesses.
         torch.nn.init.constant_(model.aux_words_head[1].bias, -math.log(len(vocabulary) / 10))
         aux_losses["words"] = (data_args.aux_words_weight, words_loss)
+    if data_args.aux_mim_weight > 0:
+        model.aux_mim_head = MaskedImageHead(model.config, data_args.aux_mim_mask_ratio)
+        aux_losses["mim"] = (data_args.aux_mim_weight, mim_loss)
     if not aux_losses:
         return collator, {}
-    return AuxTargetsCollator(collator, grid, word_index), {"aux_losses": aux_losses}
+    if grid is not None or word_index is not None:
+        collator = AuxTargetsCollator(collator, grid, word_index)
+    return collator, {"aux_losses": aux_losses}
 
 
 def self_critical_setup(model_args: ModelArguments, training_args, processor, train) -> SelfCritical:
@@ -929,9 +981,7 @@ def train_once(model_args, data_args, training_args):
         **extra,
     )
     trainer.train(resume_from_checkpoint=resume)
-    for head in ("aux_grounding_head", "aux_words_head"):
-        if hasattr(model, head):
-            delattr(model, head)  # a training aid: the released model is a plain captioner
+    remove_training_heads(model)
     trainer.save_model()
     eval_metrics = trainer.evaluate()  # every rank takes part
     if trainer.is_world_process_zero():

@@ -83,9 +83,7 @@ def train_side(side: str, recipe: str, processor, train_rows, validation, budget
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    for head in ("aux_grounding_head", "aux_words_head"):  # training aids, as train.py removes them before saving
-        if hasattr(model, head):
-            delattr(model, head)
+    train.remove_training_heads(model)  # training aids, as train.py removes them before saving
     model.eval()
     texts = captions(model, processor, validation["image"], max_new_tokens=48)
     scores = caption_scores(texts, validation["references"], tokenizer="simple")

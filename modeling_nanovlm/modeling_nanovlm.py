@@ -197,19 +197,26 @@ class NanoVLMVisionEmbeddings(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.vision_hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, pixel_values):
+    def forward(self, pixel_values, bool_masked_pos=None, mask_token=None):
         if self.conv_stem is not None:
             x = self.conv_stem(pixel_values)  # (B, c, 14, 14)
         else:
             x = self.conv2(F.gelu(self.conv1(pixel_values)))
         x = x.flatten(2).transpose(1, 2)  # (B, 196, c)
         x = self.patch_proj(F.relu(self.stem_norm(x)))  # (B, 196, vision_hidden)
+        if bool_masked_pos is not None:  # masked-image modelling: these patches become `mask_token`
+            x = torch.where(bool_masked_pos.unsqueeze(-1), mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.dropout(x + self.position_embedding)
 
 
 class NanoVLMVisionModel(nn.Module):
-    """Bidirectional pre-LN encoder; returns `(B, 1 + num_patches, vision_hidden_size)`."""
+    """Bidirectional pre-LN encoder; returns `(B, 1 + num_patches, vision_hidden_size)`.
+
+    `bool_masked_pos` `(B, num_patches)` (as in transformers' ViT) replaces those patches' embeddings by
+    `mask_token` `(vision_hidden_size,)` before the positions are added: the input of a masked-image-modelling
+    loss. The mask token is the caller's (a training head's), so a saved model holds no training-only weights.
+    """
 
     def __init__(self, config: NanoVLMConfig):
         super().__init__()
@@ -224,8 +231,10 @@ class NanoVLMVisionModel(nn.Module):
         )
         self.post_layernorm = nn.LayerNorm(config.vision_hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values):
-        hidden_states = self.embeddings(pixel_values)
+    def forward(self, pixel_values, bool_masked_pos=None, mask_token=None):
+        if (bool_masked_pos is None) != (mask_token is None):
+            raise ValueError("masked-image modelling needs both bool_masked_pos and mask_token")
+        hidden_states = self.embeddings(pixel_values, bool_masked_pos, mask_token)
         attention = attention_function(self.config)
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention=attention)[0]

@@ -390,6 +390,45 @@ def test_default_recipe_names_what_is_in_the_picture(tmp_path):
     assert own >= 0.05 and own >= blind + 0.04, (own, blind)
 
 
+def test_masked_image_modelling_loss_falls_and_its_head_is_not_released(tmp_path):
+    """--aux_mim_weight: the vision tower learns to fill in masked patches (its loss, logged as aux_mim, falls on
+    the scenes); the head and its mask token live in checkpoints, not in the released model."""
+    out = tmp_path / "mim"
+    train.main([*TINY_MODEL, *QUIET, "--output_dir", str(out), "--num_train_examples", "128", "--num_validation_examples", "8",
+                "--max_steps", "40", "--save_steps", "40", "--logging_steps", "5", "--eval_strategy", "no", "--learning_rate", "3e-3",
+                "--per_device_train_batch_size", "8", "--aux_grounding_weight", "0", "--aux_mim_weight", "1.0", "--use_cpu"])
+    result = metrics(out)
+    assert result["last_logged_aux_mim"] < 0.8 * result["first_logged_aux_mim"], result  # measured 1.29 -> 0.83
+    assert any("aux_mim_head.mask_token" in k for k in load_file(out / "checkpoint-40" / "model.safetensors"))
+    assert not any("aux_mim" in k for k in load_file(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configuration" / "recipes").rglob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_recipe_names_only_train_flags(recipe):
+    model_args, data_args, training_args = train.parse_args(["--recipe", str(recipe)])
+    assert training_args.max_steps > 0 or training_args.num_train_epochs > 0
+    train.second_stage(["--recipe", str(recipe)])  # a "then" object holds flags too
+
+
+def test_vision_tower_masks_exactly_the_patches_asked():
+    model = NanoVLMForConditionalGeneration(train.model_config(train.parse_args(TINY_MODEL)[0], 300)).eval()
+    tower, config = model.model.vision_tower, model.config
+    pixels = torch.randn(2, 3, config.image_size, config.image_size)
+    token = torch.randn(config.vision_hidden_size)
+    mask = torch.zeros(2, config.num_patches, dtype=torch.bool)
+    with torch.no_grad():
+        plain = tower.embeddings(pixels)
+        assert torch.equal(tower.embeddings(pixels, mask, token), plain)
+        mask[0, 3] = True
+        masked = tower.embeddings(pixels, mask, token)
+        other = tower.embeddings(torch.randn_like(pixels), mask, token)  # a masked patch shows nothing of the image
+    changed = (masked != plain).any(-1)
+    assert changed[0].nonzero().flatten().tolist() == [4] and not changed[1].any()  # patch 3 sits after [CLS]
+    assert torch.equal(masked[0, 4], other[0, 4])
+    with pytest.raises(ValueError, match="both bool_masked_pos and mask_token"):
+        tower(pixels, bool_masked_pos=mask)
+
+
 def test_aux_grounding_head_trains_but_is_not_released(tmp_path):
     out = tmp_path / "aux"
     run_train("--output_dir", str(out), "--num_train_examples", "64", "--num_validation_examples", "8", "--max_steps", "4",
