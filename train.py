@@ -559,7 +559,8 @@ class MaskedImageHead(torch.nn.Module):
 def mim_loss(model, image_tokens, targets):
     """Masked-image modelling: mask a random `mask_ratio` of each image's patches, run the vision tower on the rest
     and the mask tokens, and score the predicted pixels of the masked patches (MSE against each patch's pixels
-    normalized to mean 0, variance 1, as MAE's best target). `image_tokens` is unused: it is a second pass."""
+    normalized to mean 0, variance 1, as MAE's best target). `image_tokens` is unused: it is a second pass. With
+    `vision_stem="conv"` the overlapping convolutions let a visible patch see the edge of a masked neighbour."""
     head, pixels, config = model.aux_mim_head, targets["pixel_values"], model.config
     batch, patches = pixels.shape[0], config.num_patches
     masked = round(head.mask_ratio * patches)
@@ -696,7 +697,8 @@ class NanoVLMTrainer(Trainer):
     checkpointed with the model and removed before the final save: the released model is a plain
     captioner. Scenes: each token says which object (kind, color) its cell shows, a dense signal
     that teaches the vision tower to see far faster than the few caption tokens that name objects.
-    Photos: the image says which content words its captions use.
+    Photos: the image says which content words its captions use. Any images: masked-image modelling, the vision
+    tower fills in the pixels of masked patches (`mim_loss`, a second pass of the tower).
 
     Label smoothing (`--label_smoothing_factor`) smooths the training caption loss over the next token,
     as the model's own loss predicts it (the Trainer shifts labels only for models in its causal-LM
