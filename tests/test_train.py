@@ -15,6 +15,7 @@ from conftest import free_port
 from safetensors.torch import load_file
 
 import train
+from benchmarks import gpu_screen
 from evaluation.captioning import generate_captions
 from evaluation.grounding import grounding_scores
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor
@@ -454,3 +455,17 @@ def test_make_it_see_tabulates_recipes(tmp_path):
     row = json.loads((tmp_path / "see.json").read_text())["runs"][0]
     assert row["name"] == "tiny" and row["train_examples_seen"] == 64 and 0 <= row["grounding.object_recall"] <= 1
     assert "| tiny | a tiny run | 64 |" in (tmp_path / "see.md").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(gpu_screen.VARIANTS))
+def test_every_gpu_screen_variant_is_a_valid_recipe(name, tmp_path):
+    """benchmarks/gpu_screen.py's variants are recipe files plus changed flags: each must still parse as train.py flags
+    and build its model config, or a 15-minute GPU lease is spent on a run that stops at its first line."""
+    recipe = gpu_screen.variant_recipe(name, 3085)
+    seed = recipe.pop("seed", 0)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(recipe))
+    model_args, data_args, training_args = train.parse_args(["--recipe", str(path), "--seed", str(seed)])
+    assert training_args.max_steps == 3085 and training_args.warmup_steps <= 308 and training_args.eval_strategy == "no"
+    assert data_args.image_dir == ".gpu/flickr8k/images" and data_args.eval_metrics is None
+    train.model_config(model_args, 4000)
