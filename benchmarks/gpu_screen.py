@@ -10,7 +10,8 @@ A mini-112 step is launch-bound on a GPU, so five to seven runs share an H200 at
 (two loader workers each, 16 CPU cores). `auto` first times 300 steps of every variant side by
 side, then scales all of them by one factor so the slowest ends before the deadline. Each finished
 model (no checkpoints, no pictures: at most 64 MiB come back) goes into $OUT as NAME.tar.gz, to be
-evaluated on the full-size photos with `python -m evaluation`. The variants are recipe files plus
+evaluated on the full-size photos with `python -m evaluation` (add `--no_repeat_ngram_size 2` to score
+recipe 9's variants as best.json decodes: recipe 9's file saves beam 3 alone). The variants are recipe files plus
 changed flags (VARIANTS); the in-training evaluations are off and 64 validation photos feed the
 final report. The training photos are smaller than the originals (144 px on the short side, WebP
 q80, 33 MB so that the repository and data fit the 64 MiB a GPU machine receives): say so with the
