@@ -35,6 +35,7 @@ from benchmarks import quality, speed
 from benchmarks.peer import build_peer
 from modeling_nanovlm import NanoVLMConfig
 from processing import scenes
+import training
 
 logger = logging.getLogger(__name__)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,10 +175,10 @@ class Benchmark:
         self.threads = threads or torch.get_num_threads()
         self.bf16 = device == "cuda" if bf16 is None else bf16  # NanoVLM's precision as train.py runs it
         self.measure = functools.partial(speed.isolated, device=device, threads=self.threads)
-        self.model_args = speed.train.parse_args([])[0]
+        self.model_args = training.parse_args([])[0]
         self.preset = self.model_args.preset  # train.py's default
         self.texts = scenes.scene_texts(settings.tokenizer_texts)
-        self.processor = speed.train.build_processor(self.model_args, self.texts, speed.train.image_size_of(self.model_args), work)
+        self.processor = training.build_processor(self.model_args, self.texts, training.image_size_of(self.model_args), work)
         self.processor.save_pretrained(work)
         self.vocab, self.bos = len(self.processor.tokenizer), self.processor.tokenizer.bos_token_id
         self.batch = speed.fixed_batch(self.processor, settings.batch_size)
@@ -195,10 +196,10 @@ class Benchmark:
 
     def batch_for(self, name: str) -> dict:
         """The fixed batch at `name`'s image size and number of image tokens."""
-        model_args = speed.train.parse_args(["--preset", name])[0]
-        key = (speed.train.image_size_of(model_args), speed.train.model_config(model_args).num_image_tokens)
+        model_args = training.parse_args(["--preset", name])[0]
+        key = (training.image_size_of(model_args), training.model_config(model_args).num_image_tokens)
         if key not in self.batches:
-            processor = speed.train.build_processor(model_args, self.texts, key[0], self.work)
+            processor = training.build_processor(model_args, self.texts, key[0], self.work)
             self.batches[key] = speed.fixed_batch(processor, self.settings.batch_size)
         return self.batches[key]
 
@@ -324,7 +325,7 @@ class Benchmark:
     def time_to_quality(self):
         """Each side trains train.py's default recipe for the same wall time; how soon NanoVLM reaches the peer's end."""
         s = self.settings
-        batch = speed.train.parse_args([])[2].per_device_train_batch_size  # train.py's default
+        batch = training.parse_args([])[2].per_device_train_batch_size  # train.py's default
         ttq = {side: self.measure(quality.time_to_quality, side=side, preset=self.preset, processor_dir=self.work, batch_size=batch,
                                   num_train=s.ttq_train_examples, num_validation=s.ttq_validation_examples,
                                   budget_seconds=s.ttq_seconds, eval_seconds=s.ttq_eval_seconds, bf16=self.bf16)

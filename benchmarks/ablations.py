@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import HfArgumentParser
 
-import train
+import training
 from benchmarks import speed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,9 +43,9 @@ def scene_batch(preset: str | None = None, size: int = 32):
     (default: train.py's), with a tokenizer trained on 2,000 scene texts."""
     from processing import scenes
 
-    model_args = train.parse_args([] if preset is None else ["--preset", preset])[0]
+    model_args = training.parse_args([] if preset is None else ["--preset", preset])[0]
     with tempfile.TemporaryDirectory() as work:
-        processor = train.build_processor(model_args, scenes.scene_texts(2000), train.image_size_of(model_args), work)
+        processor = training.build_processor(model_args, scenes.scene_texts(2000), training.image_size_of(model_args), work)
     return speed.fixed_batch(processor, size), processor
 
 
@@ -84,7 +84,7 @@ def generate(rounds: int = 6, new_tokens: int = 30):
 
     batch, processor = scene_batch()
     bos = processor.tokenizer.bos_token_id
-    model = speed.build_model("nanovlm", train.parse_args([])[0].preset, len(processor.tokenizer)).eval()
+    model = speed.build_model("nanovlm", training.parse_args([])[0].preset, len(processor.tokenizer)).eval()
     for module in model.modules():
         if isinstance(module, modeling.NanoVLMAttention):
             module.qkv_weight = torch.cat([module.q_proj.weight, module.k_proj.weight, module.v_proj.weight])
@@ -160,7 +160,7 @@ def profile(rows: int = 15):
     print(f"base matmuls: {flops / 1e9:.0f} GFLOP of {counter.get_total_flops() / 1e9:.0f} in {seconds:.2f} s (profiled step):"
           f" {flops / seconds / 1e9:.0f} GFLOP/s, {flops / seconds / 1e9 / peak:.2f} of the {peak:.0f} GFLOP/s large-matmul peak")
 
-    preset = train.parse_args([])[0].preset
+    preset = training.parse_args([])[0].preset
     batch, processor = scene_batch(preset, 1)
     model = speed.build_model("nanovlm", preset, len(processor.tokenizer)).eval()
     inputs = speed.generate_inputs(model, batch["pixel_values"], processor.tokenizer.bos_token_id)
@@ -179,7 +179,7 @@ def compile_(rounds: int = 4, new_tokens: int = 30):
 
     batch, processor = scene_batch()
     bos = processor.tokenizer.bos_token_id
-    model = speed.build_model("nanovlm", train.parse_args([])[0].preset, len(processor.tokenizer)).train()
+    model = speed.build_model("nanovlm", training.parse_args([])[0].preset, len(processor.tokenizer)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     compiled = torch.compile(model)
 

@@ -33,6 +33,7 @@ from modeling_nanovlm import NanoVLMConfig
 from processing import scenes
 from processing.data import load_coco_captions
 from processing.tokenizer import train_tokenizer
+import training
 
 logger = logging.getLogger(__name__)
 
@@ -222,14 +223,13 @@ def step_times(args: AllocationArguments, preset: str, vocab_size: int, budget: 
 
     import torch
 
-    import train
     from benchmarks.speed import fixed_batch
     from modeling_nanovlm import NanoVLMForConditionalGeneration
 
     recipe = SCENES_RECIPE if args.data == "scenes" else PHOTOS_RECIPE
-    model_args, _, training_args = train.parse_args(["--preset", preset, "--tokenizer", tokenizer_dir])
+    model_args, _, training_args = training.parse_args(["--preset", preset, "--tokenizer", tokenizer_dir])
     batch_size = recipe.get("per_device_train_batch_size", training_args.per_device_train_batch_size)
-    processor = train.build_processor(model_args, [], train.image_size_of(model_args), tokenizer_dir)
+    processor = training.build_processor(model_args, [], training.image_size_of(model_args), tokenizer_dir)
     batch = fixed_batch(processor, batch_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

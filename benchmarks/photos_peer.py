@@ -4,7 +4,7 @@ training wall time, then caption metrics on the validation photos.
     python -m benchmarks.photos_peer --recipe configuration/recipes/flickr8k/5_mini_112_v4k_words_aug.json \
         --budget_minutes 20 --output results/photos_peer.json
 
-Both sides read the recipe through train.py (`train.parse_args`): its data (COCO-layout captions), its
+Both sides read the recipe through train.py (`training.parse_args`): its data (COCO-layout captions), its
 tokenizer (trained once on the training captions, shared), its augmentation (`--augment`), learning rate,
 batch, warmup and weight decay. NanoVLM trains as `python train.py --recipe` does, with the recipe's
 training-only losses; the peer (`benchmarks/peer.py`, a ViT + GPT-2 `VisionEncoderDecoderModel` of the
@@ -27,7 +27,7 @@ import datasets
 import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
-import train
+import training
 from benchmarks.peer import build_peer, peer_inputs
 from benchmarks.quality import captions
 from evaluation.caption_metrics import caption_scores
@@ -64,15 +64,15 @@ class WallClock(TrainerCallback):
 
 def train_side(side: str, recipe: str, processor, train_rows, validation, budget_seconds: float, max_steps: int, work: str) -> dict:
     """Train one side for `budget_seconds` (a schedule of `max_steps`), then caption and score the validation photos."""
-    model_args, data_args, training_args = train.parse_args(["--recipe", recipe, "--output_dir", work, "--max_steps", str(max_steps),
+    model_args, data_args, training_args = training.parse_args(["--recipe", recipe, "--output_dir", work, "--max_steps", str(max_steps),
                                                              "--save_strategy", "no", "--eval_strategy", "no",
                                                              "--report_to", "none", "--disable_tqdm", "true"])
     torch.manual_seed(training_args.seed)
-    model = train.build_model(model_args, len(processor.tokenizer))
-    collator = NanoVLMCollator(processor, train.caption_length(model, model_args.max_length))
+    model = training.build_model(model_args, len(processor.tokenizer))
+    collator = NanoVLMCollator(processor, training.caption_length(model, model_args.max_length))
     if side == "nanovlm":
-        train_collator, extra = train.trainer_setup(model, data_args, collator, train_rows["text"])
-        trainer_class = train.NanoVLMTrainer
+        train_collator, extra = training.with_objectives(model, data_args, collator, train_rows["text"])
+        trainer_class = training.NanoVLMTrainer
     else:
         torch.manual_seed(training_args.seed)
         model = build_peer(model.config)
@@ -83,7 +83,7 @@ def train_side(side: str, recipe: str, processor, train_rows, validation, budget
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    train.remove_training_heads(model)  # training aids, as train.py removes them before saving
+    training.remove_training_heads(model)  # training aids, as train.py removes them before saving
     model.eval()
     texts = captions(model, processor, validation["image"], max_new_tokens=48)
     scores = caption_scores(texts, validation["references"], tokenizer="simple")
@@ -97,15 +97,15 @@ def main(argv=None):
     (args,) = HfArgumentParser(PeerArguments, description=__doc__.splitlines()[0]).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     datasets.disable_progress_bars()
-    model_args, data_args, training_args = train.parse_args(["--recipe", args.recipe])
+    model_args, data_args, training_args = training.parse_args(["--recipe", args.recipe])
     if data_args.dataset != "coco":
         raise SystemExit(f"--recipe {args.recipe}: needs COCO-layout data (dataset coco), got {data_args.dataset!r}")
     if args.num_validation_examples:
         data_args.num_validation_examples = args.num_validation_examples
-    train_rows, validation = train.load_splits(data_args, train.image_size_of(model_args), training_args.seed, data.BadImages())
+    train_rows, validation = training.load_splits(data_args, training.image_size_of(model_args), training_args.seed, data.BadImages())
     budget = args.budget_minutes * 60
     with tempfile.TemporaryDirectory() as work:
-        processor = train.build_processor(model_args, train_rows["text"], train.image_size_of(model_args), work)
+        processor = training.build_processor(model_args, train_rows["text"], training.image_size_of(model_args), work)
         results, schedule = {}, {}
         for side in SIDES:  # each side's schedule: the steps a short timed run of it says fit in the budget
             probe = train_side(side, args.recipe, processor, train_rows, validation.select(range(2)), min(60.0, budget / 10),

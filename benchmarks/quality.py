@@ -18,12 +18,13 @@ import torch
 from transformers import Trainer, TrainerCallback, VisionEncoderDecoderModel
 
 from benchmarks.peer import peer_inputs
-from benchmarks.speed import build_model, fit, synchronize, train, training_arguments
+from benchmarks.speed import build_model, fit, synchronize, training_arguments
 from evaluation.captioning import generate_captions
 from evaluation.grounding import grounding_scores
 from modeling_nanovlm import NanoVLMProcessor
 from processing import data, scenes
 from processing.collator import NanoVLMCollator
+import training
 
 
 @torch.no_grad()
@@ -74,17 +75,17 @@ class QualityClock(TrainerCallback):
 
 
 def time_to_quality(device, side, preset, processor_dir, batch_size, num_train, num_validation, budget_seconds, eval_seconds, bf16) -> dict:
-    model_args, data_args, _ = train.parse_args(
+    model_args, data_args, _ = training.parse_args(
         ["--preset", preset, "--num_train_examples", str(num_train), "--num_validation_examples", str(num_validation)]
     )
     datasets.disable_progress_bars()
-    train_rows, validation = train.load_splits(data_args, train.image_size_of(model_args), 0, data.BadImages())
+    train_rows, validation = training.load_splits(data_args, training.image_size_of(model_args), 0, data.BadImages())
     processor = NanoVLMProcessor.from_pretrained(processor_dir)
     model = build_model(side, preset, len(processor.tokenizer)).to(device)
     collator = NanoVLMCollator(processor, model_args.max_length)
     side_collator = collator if side == "nanovlm" else (lambda examples: peer_inputs(collator(examples)))
-    train_collator, extra = train.trainer_setup(model, data_args, collator) if side == "nanovlm" else (side_collator, {})
-    trainer_class = train.NanoVLMTrainer if side == "nanovlm" else Trainer
+    train_collator, extra = training.with_objectives(model, data_args, collator) if side == "nanovlm" else (side_collator, {})
+    trainer_class = training.NanoVLMTrainer if side == "nanovlm" else Trainer
     images, truth = validation["image"], [scenes.scene_from_row(row) for row in validation]
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_f
 from transformers import Trainer, TrainerCallback, TrainingArguments, VisionEncoderDecoderModel, default_data_collator
 from transformers.trainer_callback import PrinterCallback
 
-import train  # the repository's train.py (run from the repository root): its defaults are "NanoVLM as a user runs it"
+import training  # train.py's helpers (run from the repository root): its defaults are "NanoVLM as a user runs it"
 from benchmarks.peer import build_peer, peer_inputs
 from modeling_nanovlm import NanoVLMProcessor
 from processing import scenes
@@ -65,9 +65,9 @@ def synchronize(device: str):
 
 def build_model(side: str, preset: str, vocab_size: int, seed: int = 0):
     """NanoVLM as train.py builds it for `preset` (its default visual tokens), or its peer."""
-    model_args = train.parse_args(["--preset", preset])[0]
+    model_args = training.parse_args(["--preset", preset])[0]
     torch.manual_seed(seed)
-    model = train.build_model(model_args, vocab_size)
+    model = training.build_model(model_args, vocab_size)
     if side == "peer":
         torch.manual_seed(seed)
         model = build_peer(model.config)
@@ -82,7 +82,7 @@ def training_arguments(side: str, batch_size: int, max_steps: int, device: str, 
     common.update(overrides)
     if side == "peer":
         return TrainingArguments(**common)
-    return train.parse_args([a for k, v in common.items() for a in (f"--{k}", str(v))])[2]
+    return training.parse_args([a for k, v in common.items() for a in (f"--{k}", str(v))])[2]
 
 
 def fit(model, args: TrainingArguments, dataset, collator, callback: TrainerCallback, trainer_class=Trainer, **kwargs):

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import TrainingArguments
 
 import train
+import training
 from evaluation.image_use import image_gap, unique_caption_share
 from processing.augment import CaptionAugment, swap_left_right
 from evaluation.caption_metrics import CiderD
@@ -102,7 +103,7 @@ def test_label_smoothing_smooths_the_next_token_in_training_only(tmp_path, teste
     batch = NanoVLMCollator(processor)([{"image": toy_image(i), "text": text} for i, text in enumerate(CAPTIONS)])
     eps = 0.2
     args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=eps, use_cpu=True, report_to="none")
-    trainer = train.NanoVLMTrainer(model=model, args=args)
+    trainer = training.NanoVLMTrainer(model=model, args=args)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(20):  # a confident model: smoothing then costs clearly more than the plain loss
         optimizer.zero_grad()
@@ -132,7 +133,7 @@ def test_training_loss_skips_the_lm_head_on_image_tokens_and_is_unchanged(tmp_pa
     gradients as the model's loss over every position, with logits for the text positions alone."""
     model = tester.get_model(hidden_dropout=0.0).train()
     batch = NanoVLMCollator(processor)([{"image": toy_image(i), "text": text} for i, text in enumerate(CAPTIONS)])
-    trainer = train.NanoVLMTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    trainer = training.NanoVLMTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
     full = model(**batch)
     full.loss.backward()
     full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -150,13 +151,13 @@ def test_training_loss_skips_the_lm_head_on_image_tokens_and_is_unchanged(tmp_pa
 def test_self_critical_loss_is_zero_when_the_reward_cannot_tell_samples_apart(tester, processor, images):
     """Each sample's baseline is the mean reward of its image's other samples: equal rewards give no gradient."""
     model = tester.get_model(hidden_dropout=0.0).train()
-    critic = train.SelfCritical(processor, lambda texts, refs: [2.0] * len(texts), num_samples=3, max_new_tokens=6)
+    critic = training.SelfCritical(processor, lambda texts, refs: [2.0] * len(texts), num_samples=3, max_new_tokens=6)
     loss, reward = critic.loss(model, model, processor(images=images[:2])["pixel_values"], [["a"], ["b"]])
     loss.backward()
     assert reward == 2.0 and loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     with pytest.raises(ValueError, match="2 or more"):
-        train.SelfCritical(processor, lambda texts, refs: [0.0] * len(texts), num_samples=1, max_new_tokens=6)
+        training.SelfCritical(processor, lambda texts, refs: [0.0] * len(texts), num_samples=1, max_new_tokens=6)
 
 
 def test_distinct_reward_takes_off_what_a_sample_scores_on_the_other_photos(processor):
@@ -168,9 +169,9 @@ def test_distinct_reward_takes_off_what_a_sample_scores_on_the_other_photos(proc
 
     references = [["a dog"], ["a cat"], ["a dog"]]
     texts = ["a dog", "a bird", "a cat", "a dog", "a dog", "a fox"]  # two samples of each image, next to each other
-    plain, own = train.SelfCritical(processor, exact, num_samples=2, max_new_tokens=6).rewards(texts, references)
+    plain, own = training.SelfCritical(processor, exact, num_samples=2, max_new_tokens=6).rewards(texts, references)
     assert plain.tolist() == [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]] and own == 0.5
-    rewards, own = train.SelfCritical(processor, exact, num_samples=2, max_new_tokens=6, distinct_weight=0.5).rewards(texts, references)
+    rewards, own = training.SelfCritical(processor, exact, num_samples=2, max_new_tokens=6, distinct_weight=0.5).rewards(texts, references)
     # "a dog" of image 0 also fits image 2 (1 of its 2 others): 1 - 0.5 * 0.5; "a cat" of image 1 fits neither other
     assert rewards.tolist() == [[0.75, 0.0], [1.0, -0.5], [0.75, 0.0]] and own == 0.5
 
@@ -187,7 +188,7 @@ def test_self_critical_training_raises_the_reward_of_its_samples(tester, process
         optimizer.zero_grad()
         model(**batch).loss.backward()
         optimizer.step()
-    critic = train.SelfCritical(processor, CiderD([[text] for text in CAPTIONS]), num_samples=4, max_new_tokens=12)
+    critic = training.SelfCritical(processor, CiderD([[text] for text in CAPTIONS]), num_samples=4, max_new_tokens=12)
     torch.manual_seed(0)
     prompt, new, keep = critic.sample(model, batch["pixel_values"])
     assert new.shape[0] == 4 * len(images) and prompt.shape == (len(images), processor.num_image_tokens + 1)

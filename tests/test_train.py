@@ -15,6 +15,7 @@ from conftest import free_port
 from safetensors.torch import load_file
 
 import train
+import training
 from benchmarks import gpu_screen
 from evaluation.captioning import generate_captions
 from evaluation.grounding import grounding_scores
@@ -406,13 +407,13 @@ def test_masked_image_modelling_loss_falls_and_its_head_is_not_released(tmp_path
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configuration" / "recipes").rglob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_recipe_names_only_train_flags(recipe):
-    model_args, data_args, training_args = train.parse_args(["--recipe", str(recipe)])
+    model_args, data_args, training_args = training.parse_args(["--recipe", str(recipe)])
     assert training_args.max_steps > 0 or training_args.num_train_epochs > 0
-    train.second_stage(["--recipe", str(recipe)])  # a "then" object holds flags too
+    training.second_stage(["--recipe", str(recipe)])  # a "then" object holds flags too
 
 
 def test_vision_tower_masks_exactly_the_patches_asked():
-    model = NanoVLMForConditionalGeneration(train.model_config(train.parse_args(TINY_MODEL)[0], 300)).eval()
+    model = NanoVLMForConditionalGeneration(training.model_config(training.parse_args(TINY_MODEL)[0], 300)).eval()
     tower, config = model.model.vision_tower, model.config
     pixels = torch.randn(2, 3, config.image_size, config.image_size)
     token = torch.randn(config.vision_hidden_size)
@@ -465,7 +466,40 @@ def test_every_gpu_screen_variant_is_a_valid_recipe(name, tmp_path):
     seed = recipe.pop("seed", 0)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(recipe))
-    model_args, data_args, training_args = train.parse_args(["--recipe", str(path), "--seed", str(seed)])
+    model_args, data_args, training_args = training.parse_args(["--recipe", str(path), "--seed", str(seed)])
     assert training_args.max_steps == 3085 and training_args.warmup_steps <= 308 and training_args.eval_strategy == "no"
     assert data_args.image_dir == ".gpu/flickr8k/images" and data_args.eval_metrics is None
-    train.model_config(model_args, 4000)
+    training.model_config(model_args, 4000)
+
+
+FIRST_LOSSES = json.loads((ROOT / "tests" / "fixtures" / "first_losses.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["default", "best"])
+def test_the_default_and_best_json_train_as_before(run, tmp_path):
+    """The first three logged losses of `python train.py` and of best.json match those recorded before train.py
+    was split into the training/ package (tests/fixtures/first_losses.json): the split changed no behaviour."""
+    flags = ["--max_steps", "3", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "3", "--eval_strategy", "no",
+             "--num_validation_examples", "8", "--report_to", "none", "--output_dir", str(tmp_path / run)]
+    if run == "best":
+        if not FLICKR8K.exists():
+            pytest.skip(f"{FLICKR8K} is absent (it ships beside the project as ../shared); best.json trains on it")
+        flags = ["--recipe", str(ROOT / "configuration/recipes/flickr8k/best.json"), *flags]
+    else:
+        flags += ["--num_train_examples", "256"]
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the recipe names ../shared relative to the repository root
+    try:
+        train.main(flags)
+    finally:
+        os.chdir(cwd)
+    state = json.loads((tmp_path / run / "checkpoint-3" / "trainer_state.json").read_text())
+    logged = [{k: h[k] for k in ("step", "loss", "caption_loss") + tuple(k for k in h if k.startswith("aux_"))}
+              for h in state["log_history"] if "loss" in h]
+    expected = FIRST_LOSSES[run]
+    assert [h["step"] for h in logged] == [h["step"] for h in expected]
+    for got, want in zip(logged, expected):
+        assert set(got) == set(want)
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-3), (run, got["step"], key)

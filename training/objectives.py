@@ -1,0 +1,210 @@
+"""The training-only objectives: losses on the visual tokens, added to the caption loss while training, that
+give the image tower a denser signal than the few caption words that name what it sees.
+
+Each objective adds its head to the model (`attach`), adds its targets to the batch (`targets`, through
+`ObjectiveTargets`) and scores the projected visual tokens the decoder reads (`loss`); `NanoVLMTrainer` adds
+`weight * loss` to the caption loss and logs it as `aux_<name>`. The heads are trained and checkpointed with the
+model and removed before the final save (`remove_training_heads`): the released model is a plain captioner.
+"""
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from modeling_nanovlm import NanoVLMConfig
+from processing import scenes
+from processing.word_targets import word_targets, word_vocabulary
+
+logger = logging.getLogger(__name__)
+
+TRAINING_HEADS = ("aux_grounding_head", "aux_words_head", "aux_mim_head")
+
+
+class Objective:
+    """A training-only loss: `weight * loss(model, image_tokens, batch)` joins the caption loss."""
+
+    name = ""  # logged as aux_<name>
+
+    def __init__(self, weight: float):
+        self.weight = weight
+
+    def attach(self, model) -> None:
+        """Give `model` this objective's head."""
+        raise NotImplementedError
+
+    def targets(self, examples: list[dict]) -> dict:
+        """This objective's `aux_*` batch targets for the dataset rows `examples` (none by default)."""
+        return {}
+
+    def loss(self, model, image_tokens, batch: dict) -> torch.Tensor:
+        """The loss of `image_tokens` `(B, V, hidden)` against `batch`'s targets (and its `pixel_values`)."""
+        raise NotImplementedError
+
+
+def token_grid(config: NanoVLMConfig) -> int:
+    """Side of the square map of visual tokens the decoder reads (the [CLS] token aside)."""
+    if config.vision_feature_select == "cls":
+        raise ValueError("--aux_grounding_weight needs a map of visual tokens: use --vision_feature_select pooled or all")
+    return config.vision_pool_size if config.vision_feature_select == "pooled" else config.image_size // config.patch_size
+
+
+class GroundingObjective(Objective):
+    """Scenes (`--aux_grounding_weight`, on by default there): every visual token of the map says which object
+    (kind, colour) its cell shows, `scenes.token_labels` (0 = background); CE(kind) + CE(colour).
+
+    Why: a caption names an object in two or three of ~25 tokens and reaches the image tower only through the
+    decoder; this gives each picture one target per visual token, straight into the tower. It is what made the
+    default run see: docs/experiments.md, "What makes it see" (recipes 8-10, `results/see_*.json`)."""
+
+    name = "grounding"
+
+    def __init__(self, weight: float, config: NanoVLMConfig):
+        super().__init__(weight)
+        self.grid = token_grid(config)
+
+    def attach(self, model) -> None:
+        model.aux_grounding_head = torch.nn.Linear(model.config.hidden_size, len(scenes.KINDS) + len(scenes.COLORS) + 2)
+
+    def targets(self, examples):
+        labels = [scenes.token_labels(scenes.scene_from_row(ex), self.grid) for ex in examples]
+        return {"aux_kinds": torch.tensor([k for k, _ in labels]), "aux_colors": torch.tensor([c for _, c in labels])}
+
+    def loss(self, model, image_tokens, batch):
+        kinds, colors = batch["aux_kinds"], batch["aux_colors"]
+        logits = model.aux_grounding_head(image_tokens[:, -kinds.shape[1]:]).float()  # the map, without [CLS]
+        num_kinds = len(scenes.KINDS) + 1
+        return F.cross_entropy(logits[..., :num_kinds].flatten(0, 1), kinds.flatten()) + F.cross_entropy(
+            logits[..., num_kinds:].flatten(0, 1), colors.flatten())
+
+
+class WordsObjective(Objective):
+    """Photos (`--aux_words_weight`): from the mean visual token, predict which content words (used
+    `--aux_words_min_count`+ times in the training captions, stop words out) the image's captions use;
+    multi-label BCE summed over the vocabulary, divided by the number of target words (a loss per named word).
+
+    Why: a photo's five captions name its content; the tower learns to see it without waiting for the decoder.
+    Measured: recipe 4 against recipe 3 (docs/experiments.md, "The table"; `results/photos_levers.json`)."""
+
+    name = "words"
+
+    def __init__(self, weight: float, train_texts, min_count: int):
+        super().__init__(weight)
+        vocabulary = word_vocabulary(train_texts, min_count)
+        if not vocabulary:
+            raise ValueError(f"--aux_words_weight: no content word is used {min_count}+ times in the "
+                             "training captions; lower --aux_words_min_count")
+        logger.info("words loss over %d content words (used %d+ times)", len(vocabulary), min_count)
+        self.word_index = {w: i for i, w in enumerate(vocabulary)}
+
+    def attach(self, model) -> None:
+        hidden = model.config.hidden_size
+        model.aux_words_head = torch.nn.Sequential(torch.nn.LayerNorm(hidden), torch.nn.Linear(hidden, len(self.word_index)))
+        # Start at the prior that a photo's captions use ~10 of the words: a first loss near the caption
+        # loss's size, not one dominated by thousands of 50% guesses.
+        torch.nn.init.constant_(model.aux_words_head[1].bias, -math.log(len(self.word_index) / 10))
+
+    def targets(self, examples):
+        words = torch.zeros(len(examples), len(self.word_index))
+        for row, ex in enumerate(examples):
+            words[row, word_targets(ex.get("references") or [ex["text"]], self.word_index)] = 1.0
+        return {"aux_words": words}
+
+    def loss(self, model, image_tokens, batch):
+        words = batch["aux_words"]
+        logits = model.aux_words_head(image_tokens.mean(1)).float()
+        bce = F.binary_cross_entropy_with_logits(logits, words, reduction="sum")
+        return bce / words.sum().clamp(min=1.0)
+
+
+class MaskedImageHead(torch.nn.Module):
+    """Masked-image modelling's training-only parts: the mask token the vision tower puts in place of the masked
+    patches, and a linear map from each patch's output to its pixels (as SimMIM's one-layer head)."""
+
+    def __init__(self, config: NanoVLMConfig, mask_ratio: float):
+        super().__init__()
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"--aux_mim_mask_ratio must be between 0 and 1 (a share of the patches), got {mask_ratio}")
+        self.mask_ratio = mask_ratio
+        self.mask_token = torch.nn.Parameter(torch.randn(config.vision_hidden_size) * 0.02)
+        self.to_pixels = torch.nn.Linear(config.vision_hidden_size, config.num_channels * config.patch_size**2)
+
+
+class MaskedImageObjective(Objective):
+    """Any images (`--aux_mim_weight`): masked-image modelling (SimMIM / MAE-style). Mask a random
+    `--aux_mim_mask_ratio` of each image's patches, run the vision tower on the rest and the mask tokens (a second
+    pass of the tower a step), and score the predicted pixels of the masked patches: MSE against each patch's pixels
+    normalized to mean 0, variance 1 (MAE's best target). With `vision_stem="conv"` the overlapping convolutions let
+    a visible patch see the edge of a masked neighbour.
+
+    Why: a signal for the tower from the photos themselves. Measured: recipe 17 against recipe 9
+    (docs/experiments.md, "Masked-image modelling"; `results/eval_flickr8k_17_mim.json`)."""
+
+    name = "mim"
+
+    def __init__(self, weight: float, mask_ratio: float):
+        super().__init__(weight)
+        self.mask_ratio = mask_ratio
+
+    def attach(self, model) -> None:
+        model.aux_mim_head = MaskedImageHead(model.config, self.mask_ratio)
+
+    def loss(self, model, image_tokens, batch):  # image_tokens unused: a second pass of the tower
+        head, pixels, config = model.aux_mim_head, batch["pixel_values"], model.config
+        size, patches = pixels.shape[0], config.num_patches
+        masked = round(head.mask_ratio * patches)
+        order = torch.rand(size, patches, device=pixels.device).argsort(dim=1)
+        mask = torch.zeros(size, patches, dtype=torch.bool, device=pixels.device).scatter_(1, order[:, :masked], True)
+        hidden = model.model.vision_tower(pixels.to(model.dtype), bool_masked_pos=mask, mask_token=head.mask_token)
+        predicted = head.to_pixels(hidden[:, 1:]).float()  # (B, patches, channels * patch * patch)
+        target = F.unfold(pixels.float(), config.patch_size, stride=config.patch_size).transpose(1, 2)  # the same layout
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        return ((predicted - target) ** 2).mean(-1)[mask].mean()
+
+
+def objectives_for(model, data_args, train_texts=()) -> list[Objective]:
+    """The objectives this run asks for, their heads attached to `model` (the grounding loss is on by default on
+    scenes when the decoder reads a map of visual tokens)."""
+    grounding = data_args.aux_grounding_weight
+    if grounding is None:
+        grounding = 1.0 if data_args.dataset == "scenes" and model.config.vision_feature_select != "cls" else 0.0
+    objectives = []
+    if grounding > 0:
+        if data_args.dataset != "scenes":
+            raise ValueError("--aux_grounding_weight needs --dataset scenes (it uses the scenes' ground truth)")
+        objectives.append(GroundingObjective(grounding, model.config))
+    if data_args.aux_words_weight > 0:
+        objectives.append(WordsObjective(data_args.aux_words_weight, train_texts, data_args.aux_words_min_count))
+    if data_args.aux_mim_weight > 0:
+        objectives.append(MaskedImageObjective(data_args.aux_mim_weight, data_args.aux_mim_mask_ratio))
+    for objective in objectives:
+        objective.attach(model)
+    return objectives
+
+
+def with_objectives(model, data_args, collator, train_texts=()):
+    """(collator, NanoVLMTrainer kwargs) for a run with the objectives it asks for (`objectives_for`): the collator
+    adds their targets to each batch; with none, the collator and no kwargs."""
+    objectives = objectives_for(model, data_args, train_texts)
+    return (ObjectiveTargets(collator, objectives), {"objectives": objectives}) if objectives else (collator, {})
+
+
+class ObjectiveTargets:
+    """A collator: the usual batch plus each objective's `aux_*` targets."""
+
+    def __init__(self, collator, objectives: list[Objective]):
+        self.collator, self.objectives = collator, objectives
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        for objective in self.objectives:
+            batch.update(objective.targets(examples))
+        return batch
+
+
+def remove_training_heads(model) -> None:
+    """Drop the training-only objectives' heads: the released model is a plain captioner."""
+    for head in TRAINING_HEADS:
+        if hasattr(model, head):
+            delattr(model, head)
