@@ -30,7 +30,7 @@ from dataclasses import asdict
 import transformers
 
 from evaluation.captioning import generate_captions
-from evaluation.grounding import grounding_scores
+from evaluation.grounding import claim_marks, grounding_scores, repetition_scores
 from evaluation.image_use import image_gap, unique_caption_share
 from evaluation.plots import plot_caption_grid, plot_loss_curve
 from processing import data, scenes
@@ -148,9 +148,10 @@ def final_report(trainer, processor, validation, data_args, max_new_tokens, bad,
     rows = validation.select(range(n))
     images = rows["image"]
     captions = generate_captions(trainer.model, processor, images, max_new_tokens=max_new_tokens, progress=True)
-    if data_args.dataset == "scenes":
-        scores = grounding_scores(captions, [scenes.scene_from_row(r) for r in rows])
-        metrics.update({f"grounding.{k}": v for k, v in scores.items()})
+    truth = [scenes.scene_from_row(r) for r in rows] if data_args.dataset == "scenes" else None
+    if truth:
+        metrics.update({f"grounding.{k}": v for k, v in grounding_scores(captions, truth).items()})
+    metrics.update({f"repetition.{k}": v for k, v in repetition_scores(captions).items()})
     if n >= 2:
         metrics.update({f"image_use.{k}": v for k, v in image_gap(trainer.model, processor, images, rows["text"]).items()})
         metrics["image_use.unique_caption_share"] = unique_caption_share(captions)
@@ -175,7 +176,8 @@ def final_report(trainer, processor, validation, data_args, max_new_tokens, bad,
         json.dump(metrics, f, indent=2)
     plot_loss_curve(trainer.state.log_history, os.path.join(out, "loss_curve.png"))
     k = min(12, n)
-    plot_caption_grid(images[:k], captions[:k], os.path.join(out, "samples.png"), references=rows["text"][:k])
+    marks = [claim_marks(c, s) for c, s in zip(captions[:k], truth)] if truth else None  # places right or wrong
+    plot_caption_grid(images[:k], captions[:k], os.path.join(out, "samples.png"), references=rows["text"][:k], marks=marks)
     return metrics
 
 

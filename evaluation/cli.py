@@ -30,7 +30,7 @@ from transformers import HfArgumentParser
 
 from evaluation.caption_metrics import TOKENIZERS, caption_scores
 from evaluation.captioning import generate_captions
-from evaluation.grounding import grounding_scores
+from evaluation.grounding import claim_marks, grounding_scores, repetition_scores
 from evaluation.image_use import image_gap, unique_caption_share
 from evaluation.judge import CRITERIA, FORMATS, PREFIX_WORDS, PROMPT_VERSION, JudgeSettings, judge, split_prompt
 from evaluation.novelty import novelty_scores
@@ -264,6 +264,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         metrics |= {f"grounding.{k}": v for k, v in grounding_scores(captions, d.scenes).items()}
         seconds["grounding"] = time.perf_counter() - t
+    metrics |= {f"repetition.{k}": v for k, v in repetition_scores(captions).items()}
     if "captions" in parts:
         t = time.perf_counter()
         scores = caption_scores(captions, d.references, args.caption_tokenizer)
@@ -311,7 +312,8 @@ def main(argv=None) -> int:
         "samples": samples,
         "judge_samples": judge_samples,
     }
-    write_report(args.output, report, d.images, captions, d.texts, args.grid_size)
+    marks = [claim_marks(c, s) for c, s in zip(captions[:args.grid_size], d.scenes)] if "grounding" in parts else None
+    write_report(args.output, report, d.images, captions, d.texts, args.grid_size, marks=marks)
     logger.info("wrote %s (%.1f s)", os.path.join(args.output, "report.json"), seconds["total"])
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=2))
     return 0

@@ -50,7 +50,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(output_dir: str, report: dict, images, captions, references, grid_size: int = 12) -> None:
+def write_report(output_dir: str, report: dict, images, captions, references, grid_size: int = 12, marks=None) -> None:
+    """report.json, report.md and samples.png (`marks`: the graded claims of each pictured caption, see
+    `plot_caption_grid`)."""
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -58,7 +60,8 @@ def write_report(output_dir: str, report: dict, images, captions, references, gr
         f.write(markdown(report))
     k = min(grid_size, len(images))
     if k:
-        plot_caption_grid(images[:k], captions[:k], os.path.join(output_dir, GRID_NAME), references=references[:k])
+        plot_caption_grid(images[:k], captions[:k], os.path.join(output_dir, GRID_NAME), references=references[:k],
+                          marks=marks[:k] if marks is not None else None)
 
 
 def parse_markdown_metrics(text: str) -> dict[str, str]:

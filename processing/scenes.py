@@ -24,7 +24,11 @@ bijection, so the `TRAIN_SEED` and `VALIDATION_SEED` splits never share an examp
 Descriptions come in two styles like the paper's ShortDesc/LongDesc: "short" (20-25 words) and
 "long" (60-70 words), words being whitespace-separated tokens. Every sentence is a fact about the
 picture or a feeling ("I like it!"); facts are phrased several ways so a model must look at the
-image. The night sky has a moon but no star dots because "star" is an object kind, and the day
+image. Places name a group's row ("up high", "down low", "on the snow") and column ("on the left",
+"in the middle", "on the right"); from `DESCRIPTION_VERSION` 2 the long style also relates two
+groups ("The red ball is left of the blue box.") where `relations` says that is unambiguous.
+`version=1` rebuilds the texts made before that, seed for seed (the short style is the same in
+both). The night sky has a moon but no star dots because "star" is an object kind, and the day
 sky has no sun because a yellow disc would look like a yellow ball.
 """
 
@@ -208,8 +212,20 @@ _GROUND = {"grass": "on the grass", "beach": "on the beach", "night": "on the gr
 _FEELINGS = ["I like it!", "I am happy.", "It is so pretty!", "I like this picture.", "I love it!",
              "This is fun!", "I like all the colors.", "So pretty!", "So fun!", "Look at that!"]
 _ONE_WORD = ["Wow!", "Yay!", "Look!", "Ooh!", "Yes!", "Hooray!"]
-_HPHRASE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
-_VPHRASE = {"top": ["up high", "at the top", "up in the sky"], "bottom": ["down low", "at the bottom"]}
+# Place phrases, read back by the grader (evaluation/grounding.py). A bottom row may also be said
+# as the ground of the background ("on the snow").
+COLUMN_PHRASES = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+ROW_PHRASES = {"top": ["up high", "at the top", "up in the sky"], "bottom": ["down low", "at the bottom"]}
+GROUND_PHRASES = _GROUND
+# Relations between two groups (`relations` says when each holds) and how the long style says them.
+RELATION_PHRASES = {"left of": ["left of", "to the left of"], "right of": ["right of", "to the right of"],
+                    "above": ["above"], "below": ["below", "under"], "next to": ["next to"]}
+_CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above", "next to": "next to"}
+
+
+DESCRIPTION_VERSIONS = {1: "the first descriptions (no relation sentences)",
+                        2: "the long style adds sentences that relate two groups (the short style is version 1's)"}
+DESCRIPTION_VERSION = max(DESCRIPTION_VERSIONS)  # what datasets are built with unless told otherwise
 
 
 def _words(text: str) -> int:
@@ -249,14 +265,14 @@ def _details(g: dict, background: str, rng: random.Random, pronoun: bool, size_s
 
     rows = [p.split()[0] for p in g["places"]]
     cols = sorted({p.split()[1] for p in g["places"]}, key=HORIZONTAL.index)
-    vphrase = {v: rng.choice(_VPHRASE[v] + ([_GROUND[background]] if v == "bottom" else [])) for v in VERTICAL}
+    vphrase = {v: rng.choice(ROW_PHRASES[v] + ([_GROUND[background]] if v == "bottom" else [])) for v in VERTICAL}
     out = []
     if not size_said:
         out.append(f"{subject()} {be} {rng.choice(['', 'so ', 'very '])}{rng.choice(SIZE_WORDS[g['size']])}.")
     if not plural and rng.random() < 0.5:
-        out.append(f"{subject()} {be} {vphrase[rows[0]]} {_HPHRASE[cols[0]]}.")
+        out.append(f"{subject()} {be} {vphrase[rows[0]]} {COLUMN_PHRASES[cols[0]]}.")
     else:
-        out.append(f"{subject()} {be} {_join([_HPHRASE[c] for c in cols])}.")
+        out.append(f"{subject()} {be} {_join([COLUMN_PHRASES[c] for c in cols])}.")
         if len(set(rows)) == 1:
             out.append(f"{subject()} {be} {'all ' if len(rows) > 2 else ''}{vphrase[rows[0]]}.")
         else:
@@ -267,15 +283,74 @@ def _details(g: dict, background: str, rng: random.Random, pronoun: bool, size_s
     return out
 
 
-def describe_scene(scene: dict, style: str, rng: random.Random) -> str:
+def _cells(g: dict) -> tuple[set[str], set[int]]:
+    """The rows ("top"/"bottom") and column numbers (0 = left) a group's members stand in."""
+    return {p.split()[0] for p in g["places"]}, {HORIZONTAL.index(p.split()[1]) for p in g["places"]}
+
+
+def relations(a: dict, b: dict) -> set[str]:
+    """The relations that hold between group `a` and group `b`, as in "`a` is <relation> `b`".
+
+    A group may stand in several cells, so each relation is defined to be true of every member at once,
+    and none is claimed where the picture leaves it open:
+
+    - "left of": `a` and `b` stand in the same rows (the same set of rows), and every member of `a` is in a
+      column left of every member of `b` (the rightmost column of `a` < the leftmost column of `b`);
+      "right of" is the converse. Two objects on a diagonal (top left, bottom right), or a group that
+      stands on both sides of the other, are neither.
+    - "above": every member of `a` is in the top row, every member of `b` in the bottom row, and they
+      stand in the same set of columns (each of `a` right over one of `b`); "below" is the converse.
+    - "next to": `a` and `b` are single objects in the same row in neighbouring columns (groups of more
+      than one are never "next to": which member would it be?).
+    """
+    rows_a, cols_a = _cells(a)
+    rows_b, cols_b = _cells(b)
+    found = set()
+    if rows_a == rows_b:
+        if max(cols_a) < min(cols_b):
+            found.add("left of")
+        if max(cols_b) < min(cols_a):
+            found.add("right of")
+    if cols_a == cols_b and rows_a == {"top"} and rows_b == {"bottom"}:
+        found.add("above")
+    if cols_a == cols_b and rows_a == {"bottom"} and rows_b == {"top"}:
+        found.add("below")
+    if a["count"] == b["count"] == 1 and rows_a == rows_b and abs(min(cols_a) - min(cols_b)) == 1:
+        found.add("next to")
+    return found
+
+
+def _the(g: dict) -> str:
+    """ "the red ball", "the blue boxes": kind and color name exactly one group."""
+    return f"the {g['color']} {g['kind'] if g['count'] == 1 else PLURALS[g['kind']]}"
+
+
+def _relation_sentences(groups: Sequence[dict], rng: random.Random) -> list[str]:
+    """At most one true sentence per pair of groups that `relations` relates: "The red ball is left of the
+    blue box.", with which group comes first, the relation and its wording drawn at random."""
+    out = []
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            options = [(a, r, b) for r in sorted(relations(a, b))] + [(b, _CONVERSE[r], a) for r in sorted(relations(a, b))]
+            if options:
+                x, r, y = rng.choice(options)
+                out.append(f"{_the(x).capitalize()} {'are' if x['count'] > 1 else 'is'} {rng.choice(RELATION_PHRASES[r])} {_the(y)}.")
+    return out
+
+
+def describe_scene(scene: dict, style: str, rng: random.Random, version: int = DESCRIPTION_VERSION) -> str:
     """A child-like description of `scene` whose word count lies in `WORD_RANGES[style]`.
 
     Object sentences come first and are mandatory (every group is named with color and kind);
-    optional true sentences (sizes, places, scenery, feelings) are then added greedily up to a
-    random target length, with one-word exclamations last so the count can always be hit.
+    optional true sentences (sizes, places, relations between groups in the long style from
+    `version` 2, scenery, feelings) are then added greedily up to a random target length, with
+    one-word exclamations last so the count can always be hit. Relation sentences follow every
+    group's own sentences, so both groups they name have been introduced.
     """
     if style not in WORD_RANGES:
         raise ValueError(f"style must be one of {sorted(WORD_RANGES)}, got {style!r}")
+    if version not in DESCRIPTION_VERSIONS:
+        raise ValueError(f"version must be one of {sorted(DESCRIPTION_VERSIONS)} ({DESCRIPTION_VERSIONS}), got {version!r}")
     lo, hi = WORD_RANGES[style]
     background, groups = scene["background"], list(scene["objects"])
     rng.shuffle(groups)
@@ -296,6 +371,8 @@ def describe_scene(scene: dict, style: str, rng: random.Random) -> str:
     count_sentence = [f"I see {NUMBER_WORDS[total_objects]} things."] if total_objects > 1 else []
     # candidates: (kind of sentence, (group, detail) index for details, text), in the order tried
     candidates = [("detail", (i, j), d) for i, ds in enumerate(details) for j, d in enumerate(ds)]
+    if style == "long" and version >= 2:  # version 1 draws nothing here, so its texts stay as they were
+        candidates += [("relation", None, t) for t in _relation_sentences(groups, rng)]
     others = [("scenery", None, t) for t in scenery] + [("feeling", None, t) for t in feelings]
     others += [("count", None, t) for t in count_sentence]
     if style == "long":
@@ -322,7 +399,7 @@ def describe_scene(scene: dict, style: str, rng: random.Random) -> str:
         body = [s for intro, ds in zip(intros, said) for s in [intro, *ds]]
     else:
         body = intros + [d for ds in said for d in ds]
-    body = [c[2] for c in chosen if c[0] == "count"] + body
+    body = [c[2] for c in chosen if c[0] == "count"] + body + [c[2] for c in chosen if c[0] == "relation"]
     scenery_said = [c[2] for c in chosen if c[0] == "scenery"]
     body = scenery_said + body if rng.random() < 0.5 else body + scenery_said
     return " ".join(body + [c[2] for c in chosen if c[0] == "feeling"])
@@ -338,24 +415,27 @@ def example_seed(split_seed: int, index: int) -> int:
     return index * 2**32 + split_seed
 
 
-def make_example(seed_or_rng: int | random.Random, style: str = "short", image_size: int = 224) -> dict:
+def make_example(seed_or_rng: int | random.Random, style: str = "short", image_size: int = 224,
+                 version: int = DESCRIPTION_VERSION) -> dict:
     """{"image": PIL image, "text": description, "scene": scene dict} from one seed.
 
-    The scene is sampled before the text, so the same seed gives the same picture in both styles.
+    The scene is sampled before the text, so the same seed gives the same picture in both styles
+    and every `version`.
     """
     rng = seed_or_rng if isinstance(seed_or_rng, random.Random) else random.Random(seed_or_rng)
     scene = sample_scene(rng)
-    text = describe_scene(scene, style, rng)
+    text = describe_scene(scene, style, rng, version)
     return {"image": render_scene(scene, image_size), "text": text, "scene": scene}
 
 
-def scene_texts(num_examples: int, seed: int = TRAIN_SEED, style: str = "short") -> list[str]:
-    """The `text` column of `scenes_dataset(num_examples, seed, style)`, without drawing a picture
-    (e.g. a model's training texts, to check its output for copies)."""
+def scene_texts(num_examples: int, seed: int = TRAIN_SEED, style: str = "short",
+                version: int = DESCRIPTION_VERSION) -> list[str]:
+    """The `text` column of `scenes_dataset(num_examples, seed, style, version=version)`, without drawing
+    a picture (e.g. a model's training texts, to check its output for copies)."""
     texts = []
     for i in range(num_examples):
         rng = random.Random(example_seed(seed, i))
-        texts.append(describe_scene(sample_scene(rng), style, rng))
+        texts.append(describe_scene(sample_scene(rng), style, rng, version))
     return texts
 
 
@@ -365,9 +445,9 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _rows(num_examples: int, seed: int, style: str, image_size: int) -> Iterator[dict]:
+def _rows(num_examples: int, seed: int, style: str, image_size: int, version: int = DESCRIPTION_VERSION) -> Iterator[dict]:
     for i in range(num_examples):
-        ex = make_example(example_seed(seed, i), style, image_size)
+        ex = make_example(example_seed(seed, i), style, image_size, version)
         image = {"bytes": _png(ex["image"]), "path": None}
         yield {"image": image, "text": ex["text"], "scene": json.dumps(ex["scene"])}
 
@@ -377,18 +457,20 @@ SCENE_FEATURES = datasets.Features({"image": datasets.Image(), "text": datasets.
 
 
 def scenes_dataset(num_examples: int, seed: int = TRAIN_SEED, style: str = "short", image_size: int = 224,
-                   cache_dir: str | None = None) -> datasets.Dataset:
+                   cache_dir: str | None = None, version: int = DESCRIPTION_VERSION) -> datasets.Dataset:
     """A `datasets.Dataset` of `num_examples` scenes; "scene" holds JSON (see `scene_from_row`).
 
-    Example i depends only on (seed, i, style, image_size), so datasets built in different
-    processes, or of different lengths, agree on their common rows. `cache_dir` defaults to
-    the datasets cache.
+    Example i depends only on (seed, i, style, image_size, version), so datasets built in different
+    processes, or of different lengths, agree on their common rows; `version=1` rebuilds a long-style
+    set made before relation sentences. `cache_dir` defaults to the datasets cache.
     """
     if style not in WORD_RANGES:
         raise ValueError(f"style must be one of {sorted(WORD_RANGES)}, got {style!r}")
+    if version not in DESCRIPTION_VERSIONS:
+        raise ValueError(f"version must be one of {sorted(DESCRIPTION_VERSIONS)} ({DESCRIPTION_VERSIONS}), got {version!r}")
     if num_examples < 1:
         raise ValueError(f"num_examples must be at least 1, got {num_examples}")
-    args = {"num_examples": num_examples, "seed": seed, "style": style, "image_size": image_size}
+    args = {"num_examples": num_examples, "seed": seed, "style": style, "image_size": image_size, "version": version}
     # datasets caches generated data under a hash of the generator, which for an importable function
     # is its name, not its code: hash this file too, so an edited generator never serves stale rows.
     fingerprint = hashlib.sha256(Path(__file__).read_bytes() + json.dumps(args).encode()).hexdigest()[:32]

@@ -1,8 +1,10 @@
 """Synthetic scenes: deterministic, true descriptions of the right length, exact grounding."""
 
+import hashlib
 import json
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -10,8 +12,8 @@ from PIL import Image
 
 from evaluation.grounding import MANY, ground_description, grounding_scores, parse_mentions
 from processing.scenes import (
-    BACKGROUNDS, COLORS, KINDS, MIN_COLOR_DISTANCE, PLACES, PLURALS, TRAIN_SEED, VALIDATION_SEED, WORD_RANGES,
-    describe_scene, example_seed, make_example, render_scene, sample_scene, scene_from_row, scene_texts, scenes_dataset,
+    BACKGROUNDS, COLORS, DESCRIPTION_VERSION, KINDS, MIN_COLOR_DISTANCE, PLACES, PLURALS, TRAIN_SEED, VALIDATION_SEED,
+    WORD_RANGES, describe_scene, example_seed, make_example, render_scene, sample_scene, scene_from_row, scene_texts, scenes_dataset,
     token_labels,
 )
 
@@ -72,6 +74,37 @@ def test_word_counts_always_in_range(style):
     assert len(set(counts)) > 1  # lengths vary, not one template
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_long_descriptions_with_relation_sentences_keep_60_to_70_words_over_many_seeds(version):
+    texts = scene_texts(4000, TRAIN_SEED, "long", version) + scene_texts(2000, VALIDATION_SEED, "long", version)
+    counts = [len(t.split()) for t in texts]
+    assert WORD_RANGES["long"] == (60, 70) and 60 <= min(counts) and max(counts) <= 70
+    related = sum(bool(re.search(r" (left of|right of|above|below|under|next to) the ", t)) for t in texts)
+    assert (related > len(texts) / 5) if version == 2 else related == 0
+
+
+# sha256 of the first 300 texts of each split and style, joined by newlines, as generated before the long
+# style's relation sentences (description version 1): existing sets rebuild exactly
+VERSION_1_TEXTS = {("short", TRAIN_SEED): "c67285c5cc7fb38b", ("short", VALIDATION_SEED): "eb0f3d14f010272f",
+                   ("long", TRAIN_SEED): "5ef14961dc0662f3", ("long", VALIDATION_SEED): "8853cd8753a665a5"}
+
+
+@pytest.mark.parametrize("style, seed", sorted(VERSION_1_TEXTS))
+def test_version_1_rebuilds_the_texts_made_before_relations_and_the_short_style_never_changed(style, seed):
+    digest = lambda texts: hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]  # noqa: E731
+    assert digest(scene_texts(300, seed, style, version=1)) == VERSION_1_TEXTS[style, seed]
+    assert (digest(scene_texts(300, seed, style)) == VERSION_1_TEXTS[style, seed]) == (style == "short")
+    assert DESCRIPTION_VERSION == 2
+
+
+def test_version_1_long_texts_still_grade_with_no_relation_claims():
+    texts = scene_texts(200, VALIDATION_SEED, "long", version=1)
+    truth = [make_example(example_seed(VALIDATION_SEED, i), "long", 32, version=1) for i in range(200)]
+    assert [t["text"] for t in truth] == texts
+    scores = grounding_scores(texts, [t["scene"] for t in truth])
+    assert scores["place_accuracy"] == 1.0 and scores["place_claims"] > 400 and scores["relation_claims"] == 0
+
+
 @pytest.mark.parametrize("style", sorted(WORD_RANGES))
 def test_every_description_grounds_perfectly(style):
     rng = random.Random(2)
@@ -79,9 +112,15 @@ def test_every_description_grounds_perfectly(style):
     texts = [describe_scene(s, style, rng) for s in all_scenes]
     scores = grounding_scores(texts, all_scenes)
     assert scores.pop("attribute_claims") > 2 * N  # every color, and most sizes and counts, are checked
+    counts = {k: scores.pop(k) for k in list(scores) if "claims" in k or "chance" in k}
+    assert counts["place_claims"] > (2 * N if style == "long" else N / 10)
+    assert (counts["relation_claims"] > N / 10) == (style == "long")
+    assert 0.3 < counts["place_chance"] < 0.8  # the most common place is right about half the time
+    relations_said = 1.0 if style == "long" else 0.0  # 0.0: no claims
     assert scores == {"object_recall": 1.0, "object_precision": 1.0, "chair_i": 0.0, "chair_s": 0.0,
                       "color_accuracy": 1.0, "size_accuracy": 1.0, "count_accuracy": 1.0, "attribute_accuracy": 1.0,
-                      "negated_mentions": 0, "negation_errors": 0, "num_descriptions": N}
+                      "negated_mentions": 0, "negation_errors": 0, "num_descriptions": N, "place_accuracy": 1.0,
+                      "place_row_accuracy": 1.0, "place_column_accuracy": 1.0, "relation_accuracy": relations_said}
 
 
 def test_descriptions_vary_for_one_scene():
@@ -179,6 +218,10 @@ def test_bad_style_raises():
         scenes_dataset(2, style="medium")
     with pytest.raises(ValueError, match="max_objects"):
         sample_scene(random.Random(0), max_objects=0)
+    with pytest.raises(ValueError, match="version must be one of"):
+        describe_scene(scenes(1)[0], "long", random.Random(0), version=3)
+    with pytest.raises(ValueError, match="version must be one of"):
+        scenes_dataset(2, style="long", version=0)
 
 
 @pytest.mark.parametrize("text, mentions, negated", [
@@ -226,6 +269,7 @@ def test_grounding_scores_by_hand():
         "object_recall": 4 / 6, "object_precision": 4 / 5, "chair_i": 1 / 5, "chair_s": 1 / 2,
         "color_accuracy": 4 / 4, "size_accuracy": 3 / 4, "count_accuracy": 2 / 4, "attribute_accuracy": 9 / 12,
         "attribute_claims": 12, "negated_mentions": 1, "negation_errors": 1, "num_descriptions": 2,
+        **{k: 0 for k in scores if k.startswith(("place_", "relation_"))},  # no place is said
     })
 
 

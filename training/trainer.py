@@ -124,7 +124,7 @@ def eval_metric_scores(name: str, captions: list[str], examples: list[dict]) -> 
     """`--eval_metrics` on captions of validation rows: grounding (scenes) or cider (CIDEr-D)."""
     if name == "grounding":
         scores = grounding_scores(captions, [ex["scene"] for ex in examples])
-        keys = ("object_recall", "object_precision", "chair_i", "attribute_accuracy")
+        keys = ("object_recall", "object_precision", "chair_i", "attribute_accuracy", "place_accuracy", "relation_accuracy")
         return {f"grounding_{k}": scores[k] for k in keys}
     from evaluation.caption_metrics import caption_scores  # pycocoevalcap: only loaded when asked for
 
