@@ -34,11 +34,14 @@ torch.set_num_threads(settings["threads"])
 import modeling_nanovlm
 from benchmarks import speed
 from processing import scenes
-import training
+try:
+    import training as helpers
+except ImportError:  # a revision from before train.py's helpers moved into training/
+    import train as helpers
 fixed_batch = getattr(speed, "fixed_batch", None) or __import__("benchmarks.__main__", fromlist=["x"]).fixed_batch
-model_args = training.parse_args(["--preset", settings["preset"]])[0]
-processor = training.build_processor(model_args, scenes.scene_texts(settings["tokenizer_texts"]),
-                                        training.image_size_of(model_args), settings["work"])
+model_args = helpers.parse_args(["--preset", settings["preset"]])[0]
+processor = helpers.build_processor(model_args, scenes.scene_texts(settings["tokenizer_texts"]),
+                                    helpers.image_size_of(model_args), settings["work"])
 batch = fixed_batch(processor, settings["batch_size"])
 vocab, bos = len(processor.tokenizer), processor.tokenizer.bos_token_id
 train = speed.train_speed("cpu", "nanovlm", settings["preset"], batch, vocab, settings["train_steps"], settings["warmup_steps"],

@@ -114,7 +114,7 @@ def test_ablations_compare_variants_that_write_the_same_tokens(capsys):
 @pytest.mark.parametrize("name", ["mini-112", "base-112"])
 def test_decoder_heavy_presets_hold_the_same_total_with_30_percent_in_the_vision_tower(name):
     """`-dec` is the allocation sweep's best split at the preset's total: the encoder share it measured (30.5%)."""
-    from benchmarks import allocation
+    from experiments import allocation
     from benchmarks.sizes import part_sizes
     from modeling_nanovlm import NanoVLMConfig
 
@@ -128,7 +128,7 @@ def test_decoder_heavy_presets_hold_the_same_total_with_30_percent_in_the_vision
 
 
 def test_allocation_step_times_time_every_split_and_the_preset(tmp_path, capsys):
-    from benchmarks import allocation
+    from experiments import allocation
 
     out = tmp_path / "alloc.json"
     allocation.main(["--step_times", "true", "--step_rounds", "1", "--shares", "0.3", "0.85", "--num_train_examples", "200",
@@ -143,7 +143,7 @@ def test_allocation_step_times_time_every_split_and_the_preset(tmp_path, capsys)
 
 
 def test_allocation_splits_one_budget_and_sweeps_resumably(tmp_path, capsys):
-    from benchmarks import allocation
+    from experiments import allocation
 
     budget, splits = allocation.allocate("mini-112", 511, allocation.SHARES)
     for split in splits:  # each target share met within a point, each total within 2% of mini-112's
@@ -188,7 +188,7 @@ def test_benchmark_flags_are_settings_fields_and_quick_sets_their_defaults():
 def test_photos_peer_trains_both_sides_for_the_same_time_and_scores_them(tmp_path):
     from PIL import Image
 
-    from benchmarks import photos_peer
+    from experiments import photos_peer
 
     images, coco = tmp_path / "images", {"images": [], "annotations": []}
     images.mkdir()
@@ -241,7 +241,7 @@ def test_revisions_times_a_git_revision_and_this_checkout_each_in_its_own_code(t
 
 
 def test_progress_lines_up_runs_by_step_and_says_when_a_run_has_no_evaluations(tmp_path, capsys):
-    from benchmarks import progress
+    from experiments import progress
 
     for name, rows in {"a": [(1000, 0.1), (2000, 0.2), (2000, 0.25)], "b": [(1000, 0.3)]}.items():  # a resumed run logs 2000 twice
         (tmp_path / name).mkdir()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import train
 import training
-from benchmarks import gpu_screen
+from experiments import gpu_screen
 from evaluation.captioning import generate_captions
 from evaluation.grounding import grounding_scores
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor
@@ -449,7 +449,7 @@ def test_make_it_see_tabulates_recipes(tmp_path):
                                   "num_validation_examples": 8, "max_steps": 2, "per_device_train_batch_size": 32,
                                   "eval_strategy": "no", "save_strategy": "no"}))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "benchmarks.make_it_see", str(recipe), "--output", str(tmp_path / "see.json"),
+    cmd = [sys.executable, "-m", "experiments.make_it_see", str(recipe), "--output", str(tmp_path / "see.json"),
            "--output_root", str(tmp_path / "runs"), "--", *TINY_MODEL, *QUIET, "--use_cpu"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -460,7 +460,7 @@ def test_make_it_see_tabulates_recipes(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(gpu_screen.VARIANTS))
 def test_every_gpu_screen_variant_is_a_valid_recipe(name, tmp_path):
-    """benchmarks/gpu_screen.py's variants are recipe files plus changed flags: each must still parse as train.py flags
+    """experiments/gpu_screen.py's variants are recipe files plus changed flags: each must still parse as train.py flags
     and build its model config, or a 15-minute GPU lease is spent on a run that stops at its first line."""
     recipe = gpu_screen.variant_recipe(name, 3085)
     seed = recipe.pop("seed", 0)

@@ -4,8 +4,8 @@
 # 11,000-12,000-step runs take ~7 minutes. Each finished model (no checkpoints) goes into $OUT as
 # NAME.tgz, to be evaluated on the full-size photos with `python -m evaluation`. From the repository root:
 #
-#   bash benchmarks/gpu_recipes.sh prepare    # here: the photos at 144 px and three wheels into .gpu/
-#   OUT=/some/dir bash benchmarks/gpu_recipes.sh 'NAME|RECIPE|TRAIN.PY FLAGS' ...
+#   bash experiments/gpu_recipes.sh prepare    # here: the photos at 144 px and three wheels into .gpu/
+#   OUT=/some/dir bash experiments/gpu_recipes.sh 'NAME|RECIPE|TRAIN.PY FLAGS' ...
 #   e.g. 'r8_11k|configuration/recipes/flickr8k/8_mini_112_v4k_words_aug_decoder_dropout.json|--max_steps 11000 --seed 1'
 #
 # A GPU machine without the data or a package index gets the repository alone (64 MiB here), so

@@ -1,10 +1,10 @@
 """Screen Flickr8k recipe variants on one CUDA GPU: many short runs side by side, evaluated afterwards on a CPU.
 
-    python benchmarks/gpu_screen.py prepare    # here: 144-px WebP copies and four wheels into .gpu/
+    python experiments/gpu_screen.py prepare    # here: 144-px WebP copies and four wheels into .gpu/
     # there, from the repository root, with .gpu/flickr8k and .gpu/whl carried (47 MB):
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site
-    OUT=DIR python3 benchmarks/gpu_screen.py auto 525 r9 r9_b64 ...    # every variant scaled to end within 525 s
-    OUT=DIR python3 benchmarks/gpu_screen.py 0.2057 345 r9_seed1 ...   # each variant at 0.2057 x its recipe's steps
+    OUT=DIR python3 experiments/gpu_screen.py auto 525 r9 r9_b64 ...    # every variant scaled to end within 525 s
+    OUT=DIR python3 experiments/gpu_screen.py 0.2057 345 r9_seed1 ...   # each variant at 0.2057 x its recipe's steps
 
 A mini-112 step is launch-bound on a GPU, so five to seven runs share an H200 at 11-23 steps/s each
 (two loader workers each, 16 CPU cores). `auto` first times 300 steps of every variant side by
@@ -15,7 +15,7 @@ recipe 9's variants as best.json decodes: recipe 9's file saves beam 3 alone). T
 changed flags (VARIANTS); the in-training evaluations are off and 64 validation photos feed the
 final report. The training photos are smaller than the originals (144 px on the short side, WebP
 q80, 33 MB so that the repository and data fit the 64 MiB a GPU machine receives): say so with the
-figures. `benchmarks/gpu_recipes.sh` runs whole recipes the same way from JPEG copies.
+figures. `experiments/gpu_recipes.sh` runs whole recipes the same way from JPEG copies.
 """
 
 import json

@@ -1,10 +1,10 @@
 """Where should the parameters go? Split a fixed parameter budget between the vision encoder and the
 decoder in several ways, train each split the same way, and tabulate what each model sees.
 
-    python -m benchmarks.allocation --budget mini --seeds 0 1 --output results/allocation_mini_scenes.json
-    python -m benchmarks.allocation --budget base --output results/allocation_base_scenes.json
-    python -m benchmarks.allocation --budget mini --data photos --output results/allocation_mini_photos.json
-    python -m benchmarks.allocation --budget mini --dry_run     # only print the configurations
+    python -m experiments.allocation --budget mini --seeds 0 1 --output results/allocation_mini_scenes.json
+    python -m experiments.allocation --budget base --output results/allocation_base_scenes.json
+    python -m experiments.allocation --budget mini --data photos --output results/allocation_mini_photos.json
+    python -m experiments.allocation --budget mini --dry_run     # only print the configurations
 
 The budget is a preset's total (mini-112: ~2.6M on the scenes, base-112: ~11M) with the data's own tokenizer,
 which is trained once and shared by every run. Each split keeps the preset's depths (vision layers, decoder
@@ -12,7 +12,7 @@ layers) and chooses the vision width and the decoder width (multiples of 8, 8 he
 (vision tower / all parameters) is nearest the target and whose total is within 2% of the budget.
 
 Every run is a recipe of train.py flags (the default recipe's choices: its learning rate, batch, schedule,
-auxiliary loss; for photos the photo recipe's) run through `benchmarks.make_it_see`, so each run has its own
+auxiliary loss; for photos the photo recipe's) run through `experiments.make_it_see`, so each run has its own
 folder, a finished run is skipped and a stopped one resumes from its newest checkpoint: the sweep can be
 stopped and started again. The JSON, a markdown table and a PNG (share on x) are rewritten after every run.
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from benchmarks import make_it_see
+from experiments import make_it_see
 from benchmarks.sizes import part_sizes
 from evaluation.report import markdown_table
 from modeling_nanovlm import NanoVLMConfig
@@ -255,7 +255,7 @@ def step_times(args: AllocationArguments, preset: str, vocab_size: int, budget: 
     reference = best[preset]
     rows = [{"config": name, **overrides, "step_seconds": best[name], "over_preset": best[name] / reference}
             for name, overrides in configs.items()]
-    report = {"command": "python -m benchmarks.allocation " + " ".join(argv or []), "cpus": os.cpu_count(), "threads": 1,
+    report = {"command": "python -m experiments.allocation " + " ".join(argv or []), "cpus": os.cpu_count(), "threads": 1,
               "budget_preset": preset, "vocab_size": vocab_size, "budget": budget, "batch_size": batch_size,
               "batch": "training scenes (benchmarks.speed.fixed_batch)", "rows": rows}
     path = os.path.splitext(args.output)[0] + "_step_times.json"
@@ -293,7 +293,7 @@ def main(argv=None):
     for path in write_recipes(args, preset, splits, tokenizer_dir):
         rows.append(make_it_see.run_recipe(path, args.output_root, []))
         summary = summarize(splits, rows, args.data)
-        report = {"command": "python -m benchmarks.allocation " + " ".join(argv or []), "machine": os.uname().nodename,
+        report = {"command": "python -m experiments.allocation " + " ".join(argv or []), "machine": os.uname().nodename,
                   "cpus": os.cpu_count(), "budget_preset": preset, "vocab_size": vocab_size, "budget": budget,
                   "samples_per_run": args.num_train_examples, "summary": summary, "runs": rows}
         with open(args.output, "w") as f:

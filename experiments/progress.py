@@ -1,6 +1,6 @@
 """How runs learned, side by side: the evaluations train.py logged at each step, of one or more runs.
 
-    python -m benchmarks.progress outputs/flickr8k-best outputs/flickr8k-6 --output results/photos_progress.json
+    python -m experiments.progress outputs/flickr8k-best outputs/flickr8k-6 --output results/photos_progress.json
 
 Reads each run folder's `samples.jsonl` (one line per evaluation: the step, the captions of the fixed
 sample pictures and the `--eval_metrics` figures, e.g. `eval_cider_d`, `eval_image_gap`,
@@ -101,7 +101,7 @@ def main(argv=None):
     if len(names) != len(folders) or (args.step_cost and len(args.step_cost) != len(folders)):
         raise SystemExit("--names and --step_cost take one value per run folder")
     report = progress(folders, names, args.metrics)
-    report["command"] = "python -m benchmarks.progress " + " ".join(sys.argv[1:] if argv is None else argv)
+    report["command"] = "python -m experiments.progress " + " ".join(sys.argv[1:] if argv is None else argv)
     report["step_cost"] = args.step_cost or None
     base, _ = os.path.splitext(args.output)
     with open(args.output, "w") as f:

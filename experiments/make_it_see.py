@@ -1,7 +1,7 @@
 """Run training recipes and tabulate what each one makes the model see (scenes or photos).
 
-    python -m benchmarks.make_it_see configuration/recipes/see/*.json --output results/see.json [-- --max_steps 10]
-    python -m benchmarks.make_it_see configuration/recipes/flickr8k/*.json --output results/photos.json
+    python -m experiments.make_it_see configuration/recipes/see/*.json --output results/see.json [-- --max_steps 10]
+    python -m experiments.make_it_see configuration/recipes/flickr8k/*.json --output results/photos.json
 
 Each recipe is a JSON file of train.py flags (keys starting with "_" are notes; "_name" and
 "_change" label the table row). Every recipe runs in its own process, one after another, so

@@ -1,7 +1,7 @@
 """NanoVLM against its transformers peer on real photos: the same data, augmentation, batch, schedule and
 training wall time, then caption metrics on the validation photos.
 
-    python -m benchmarks.photos_peer --recipe configuration/recipes/flickr8k/5_mini_112_v4k_words_aug.json \
+    python -m experiments.photos_peer --recipe configuration/recipes/flickr8k/5_mini_112_v4k_words_aug.json \
         --budget_minutes 20 --output results/photos_peer.json
 
 Both sides read the recipe through train.py (`training.parse_args`): its data (COCO-layout captions), its
@@ -115,7 +115,7 @@ def main(argv=None):
             results[side] = train_side(side, args.recipe, processor, train_rows, validation, budget, schedule[side],
                                        os.path.join(work, side))
     nano, peer = results["nanovlm"], results["peer"]
-    report = {"command": "python -m benchmarks.photos_peer " + " ".join(sys.argv[1:] if argv is None else argv),
+    report = {"command": "python -m experiments.photos_peer " + " ".join(sys.argv[1:] if argv is None else argv),
               "recipe": args.recipe, "budget_minutes": args.budget_minutes, "schedule_steps": schedule,
               "validation_photos": len(validation), "machine": os.uname().nodename, "cpus": os.cpu_count(),
               "threads": torch.get_num_threads(), "sides": results,
