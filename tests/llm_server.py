@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def plain_checkpoint() -> Path:
     with FileLock(folder.parent / "lock"):
         if (folder / "config.json").exists():
             return folder
+        for stale in folder.parent.glob(f"{MODEL_NAME}.*"):  # a run killed while writing (none writes now: we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,6 +81,7 @@ def plain_checkpoint() -> Path:
         partial = Path(tempfile.mkdtemp(prefix=f"{MODEL_NAME}.", dir=folder.parent))
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        partial.chmod(0o755)
         partial.rename(folder)  # whole or absent: a killed run leaves only a temporary folder behind
     return folder
 
