@@ -12,6 +12,11 @@ Parts (`--parts`, default: what the data allows): grounding (scenes), captions (
 CIDEr-D against the references), novelty (max ROUGE-1/ROUGE-L against the training texts,
 distinct-1/2), judge (when --judge_model is given). Out: OUTPUT/report.json, OUTPUT/report.md,
 OUTPUT/samples.png and OUTPUT/judge_cache.jsonl.
+
+A judge that grades nothing (its server unreachable, refusing the key or model, answering errors or
+bodies that are not JSON, or every grade unreadable) ends the run with one "judge failed: ..." line
+and exit status 1; the other parts' results are written first, with the error in report.json's
+settings. The judge's API key is redacted from every file written, in every encoding.
 """
 
 import argparse
@@ -32,12 +37,12 @@ from evaluation.caption_metrics import TOKENIZERS, caption_scores
 from evaluation.captioning import generate_captions
 from evaluation.grounding import grounding_scores
 from evaluation.image_use import image_gap, unique_caption_share
-from evaluation.judge import CRITERIA, FORMATS, PREFIX_WORDS, PROMPT_VERSION, JudgeSettings, judge, split_prompt
+from evaluation.judge import CRITERIA, FORMATS, PREFIX_WORDS, PROMPT_VERSION, JudgeError, JudgeSettings, judge, split_prompt
 from evaluation.novelty import novelty_scores
 from evaluation.report import write_report
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor
 from processing import data, scenes
-from processing.llm_client import safe_url
+from processing.llm_client import CacheInUseError, FatalLLMError, redact, safe_url
 
 logger = logging.getLogger(__name__)
 
@@ -285,12 +290,15 @@ def main(argv=None) -> int:
         metrics |= {f"novelty.{k}": v for k, v in scores.items()}
         settings["novelty_training_texts"] = d.train_source
         seconds["novelty"] = time.perf_counter() - t
-    judge_samples = []
+    judge_samples, judge_error = [], None
     if "judge" in parts:
         t = time.perf_counter()
-        judge_metrics, judge_samples, judge_settings = run_judge(args, model, processor, d, max_new_tokens)
-        metrics |= judge_metrics
-        settings |= judge_settings
+        try:
+            judge_metrics, judge_samples, judge_settings = run_judge(args, model, processor, d, max_new_tokens)
+            metrics |= judge_metrics
+            settings |= judge_settings
+        except (JudgeError, FatalLLMError, CacheInUseError) as err:  # the parts before it are still written
+            judge_error = settings["judge_error"] = str(err)
         seconds["judge"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
 
@@ -311,7 +319,12 @@ def main(argv=None) -> int:
         "samples": samples,
         "judge_samples": judge_samples,
     }
+    if "judge" in parts:  # a judge server may echo its key back: no file gets it, in any encoding
+        report = json.loads(redact(json.dumps(report), os.environ.get(args.judge_api_key_env)))
     write_report(args.output, report, d.images, captions, d.texts, args.grid_size)
+    if judge_error is not None:
+        logger.error("judge failed: %s. The other parts are in %s", judge_error, os.path.join(args.output, "report.json"))
+        return 1
     logger.info("wrote %s (%.1f s)", os.path.join(args.output, "report.json"), seconds["total"])
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=2))
     return 0
