@@ -32,7 +32,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from processing.llm_client import JsonlCache, LLMClient, count_failures, json_schema_format, json_validator, run_pool
+from processing.llm_client import ClientSettings, JsonlCache, LLMClient, count_failures, json_schema_format, json_validator, run_pool
 
 logger = logging.getLogger(__name__)
 
@@ -99,24 +99,23 @@ def response_format(name: str) -> dict | None:
     }[name]
 
 
+# The judge's server settings where they differ from the builder's: fewer requests in flight, grading waits longer.
+JUDGE_CLIENT_DEFAULTS = {"concurrency": 4, "timeout": 120.0}
+
+
 @dataclass
-class JudgeSettings:
-    model: str
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
+class JudgeSettings(ClientSettings):
+    """The judge's server (`ClientSettings`, flags `--judge_...`) and how it is asked."""
+
+    concurrency: int = JUDGE_CLIENT_DEFAULTS["concurrency"]
+    timeout: float = JUDGE_CLIENT_DEFAULTS["timeout"]
     response_format: str = "auto"
-    concurrency: int = 4
-    timeout: float = 120.0
-    max_attempts: int = 6
     max_reasks: int = 2
     max_tokens: int = 120
     temperature: float = 0.0
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
 
-    def client(self, max_attempts: int | None = None, concurrency: int | None = None) -> LLMClient:
-        return LLMClient(self.model, self.base_url, self.api_key_env, concurrency or self.concurrency, self.timeout,
-                         max_attempts or self.max_attempts, self.backoff_base, self.backoff_max, flag_prefix="judge_")
+    def client(self, flag_prefix: str = "judge_", max_attempts: int | None = None, concurrency: int | None = None) -> LLMClient:
+        return super().client(flag_prefix, max_attempts, concurrency)
 
 
 def _messages(beginning: str, completion: str) -> list[dict]:

@@ -19,8 +19,10 @@ from fake_openai_server import FakeOpenAIServer, child_text
 from PIL import Image
 
 from processing import data
-from processing.build_descriptions import main, reading_grade, split_of, validate_description
-from processing.llm_client import JsonlCache, LLMClient, count_failures, json_schema_format, json_validator, redact
+from processing.build_descriptions import main, parse_args, reading_grade, split_of, validate_description
+from processing.llm_client import (
+    ClientSettings, JsonlCache, LLMClient, client_settings, count_failures, json_schema_format, json_validator, redact,
+)
 from processing.prompts import PROMPT_VERSION, Prompts, load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,6 +314,21 @@ def test_redact_finds_a_key_in_every_encoding_at_every_offset(secret):
         assert "[redacted]" in cleaned and cleaned.startswith("before ") and cleaned.endswith(" after"), text
         assert text not in cleaned and secret not in cleaned, text
     assert redact("I see a big dog.", secret) == "I see a big dog." and redact("abc", None) == "abc"
+
+
+def test_the_builder_and_the_judge_take_their_server_flags_from_one_settings_class(monkeypatch):
+    from evaluation.cli import parse_args as evaluation_args
+    from evaluation.judge import JudgeSettings
+
+    builder = client_settings(parse_args(["--caption_file", "c", "--image_dir", "i", "--timeout", "5"]))
+    assert builder == {**vars(ClientSettings()), "model": "gpt-4o", "timeout": 5.0}
+    parsed = evaluation_args(["--model", "m", "--dataset", "scenes", "--output", "o", "--judge_model", "j", "--judge_backoff_max", "2"])
+    judge = JudgeSettings(**client_settings(parsed, "judge_"))
+    assert (judge.model, judge.concurrency, judge.timeout, judge.backoff_max) == ("j", 4, 120.0, 2.0)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(ValueError, match="name another one with --judge_api_key_env.*or pass --judge_base_url"):
+        judge.client()  # its errors name the judge's flags
 
 
 # --- the client's JSON mode, for the judge --------------------------------------------------------------
