@@ -70,11 +70,12 @@ def _builder(llm_server: str, tmp_path: Path):
         "--caption_file", caption_file, "--image_dir", image_dir, "--limit", str(N_IMAGES), "--style", "short",
         "--base_url", llm_server, "--model", MODEL_NAME, "--merge_system", "--concurrency", "1",
         "--max_reasks", "1", "--max_tokens", "40", "--stop", "\\n", "--temperature", "0", "--timeout", "300",
-        "--max_failed_fraction", "1",  # a 270M base model's answers may all fail validation: the protocol is under test
+        "--max_failed_fraction", "1",  # a 270M base model's answers often fail validation: the protocol is under test
         "--output", str(tmp_path / "out"),
     ]
-    assert main(args) == 0
+    status = main(args)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert status == (0 if report["done"] else 1)  # a run that built nothing says so in its exit status
     used = report["tokens"]["this_run"]
     # The protocol worked: every request came back as an answer, with usage, and no error of any kind.
     assert used["errors"] == {} and used["missing_usage"] == 0
@@ -92,7 +93,7 @@ def _builder(llm_server: str, tmp_path: Path):
             assert isinstance(r["answer"], str)
             assert validate_description(r["answer"], (20, 25), 3.0)[1] == r["reason"]
     # A rerun requests nothing: everything is in the cache.
-    assert main(args) == 0
+    assert main(args) == status
     again = json.loads((tmp_path / "out" / "report.json").read_text())
     assert again["tokens"]["this_run"] is None and again["done"] == report["done"] and again["failed"] == report["failed"]
 
