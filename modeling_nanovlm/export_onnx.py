@@ -184,12 +184,14 @@ def export_onnx(model_dir: str, output_dir: str | None = None, quantize: bool = 
 
 
 def quantize_file(path: str) -> str:
-    """`name_quantized.onnx` beside `name.onnx`: int8 weights, activations quantized at run time
-    (onnxruntime.quantization.quantize_dynamic)."""
+    """`name_quantized.onnx` beside `name.onnx`: int8 weights of the matrix products and the token table,
+    activations quantized at run time (onnxruntime.quantization.quantize_dynamic). Convolutions stay float:
+    onnxruntime-web's WebAssembly build has no ConvInteger kernel."""
     quantization = _require("onnxruntime.quantization")
     target = path[: -len(".onnx")] + "_quantized.onnx"
     logger.info("quantizing %s", target)
-    quantization.quantize_dynamic(path, target, weight_type=quantization.QuantType.QInt8)
+    quantization.quantize_dynamic(path, target, weight_type=quantization.QuantType.QInt8,
+                                  op_types_to_quantize=["MatMul", "Gather"])
     return target
 
 
