@@ -6,11 +6,13 @@ downloaded at run time). Without npm these tests fail and say so; they do not sk
 """
 
 import base64
+import fcntl
 import functools
 import http.server
 import json
 import shutil
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -33,8 +35,11 @@ def node_modules() -> Path:
     for tool in ("node", "npm"):
         if shutil.which(tool) is None:
             pytest.fail(f"tests/test_web.py needs {tool} (Node.js >= 20.11 with npm) on PATH to install and run web/")
-    if not (WEB / "node_modules" / ".package-lock.json").exists():
-        subprocess.run(["npm", "ci", "--prefix", str(WEB), "--no-audit", "--no-fund"], check=True, timeout=600)
+    # One install at a time: pytest-xdist's workers may reach here together.
+    with open(Path(tempfile.gettempdir()) / "nanovlm-web-npm-ci.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (WEB / "node_modules" / ".package-lock.json").exists():
+            subprocess.run(["npm", "ci", "--prefix", str(WEB), "--no-audit", "--no-fund"], check=True, timeout=600)
     return WEB / "node_modules"
 
 
