@@ -77,6 +77,17 @@ def test_page_preprocessing_is_the_image_processors(tmp_path):
         np.testing.assert_array_equal(np.frombuffer(base64.b64decode(got), np.float32).reshape(want.shape), want)
 
 
+
+def test_page_takes_a_folder_path_or_a_hub_repo():
+    out = run_node("""
+        import { modelBase } from "./nanovlm.js";
+        const page = "http://127.0.0.1:8000/web/?model=x";
+        console.log(JSON.stringify([modelBase("../outputs/mini", page), modelBase("models/tiny/", page),
+                                    modelBase("https://huggingface.co/org/nanovlm-mini", page)]));
+    """)
+    assert json.loads(out) == ["http://127.0.0.1:8000/outputs/mini/", "http://127.0.0.1:8000/web/models/tiny/",
+                               "https://huggingface.co/org/nanovlm-mini/resolve/main/"]
+
 BROWSER_SCRIPT = """
 import chromium from "@sparticuz/chromium";
 import puppeteer from "puppeteer-core";
