@@ -110,6 +110,15 @@ def test_export_command_writes_smolvlm_layout_and_int8_files_caption(tokenizer, 
     assert captions.shape[0] == 3 and 0 < captions.shape[1] - inputs["input_ids"].shape[1] <= 6
     assert ((captions >= 0) & (captions < len(tokenizer))).all()
 
+    # benchmarks/onnx.py over these files: every side timed
+    from benchmarks.onnx import main as benchmark
+
+    benchmark(["--model_dir", str(tmp_path), "--output", str(tmp_path / "speed.json"), "--new_tokens", "3", "--images", "2",
+               "--repeats", "1"])
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert set(report["results"]) == {"pytorch_fp32", "onnxruntime_fp32", "onnxruntime_int8"}
+    assert all(side["captions_timed"] == 2 and side["tokens_per_s"] > 0 for side in report["results"].values())
+
 
 def test_missing_onnx_packages_say_which_extra_installs_them(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import onnxruntime` meets where it is not installed
