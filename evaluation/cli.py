@@ -11,7 +11,8 @@ novelty against the training texts, and the paper's LLM judge.
 Parts (`--parts`, default: what the data allows): grounding (scenes), captions (BLEU-1..4, ROUGE-L,
 CIDEr-D against the references), novelty (max ROUGE-1/ROUGE-L against the training texts,
 distinct-1/2), judge (when --judge_model is given). Out: OUTPUT/report.json, OUTPUT/report.md,
-OUTPUT/samples.png and OUTPUT/judge_cache.jsonl.
+OUTPUT/samples.png and OUTPUT/judge_cache.jsonl. An OUTPUT holding any of the first three that no evaluation
+wrote (e.g. a training run's folder, with its own samples.png) is refused before anything runs.
 """
 
 import argparse
@@ -34,7 +35,7 @@ from evaluation.grounding import grounding_scores
 from evaluation.image_use import image_gap, unique_caption_share
 from evaluation.judge import CRITERIA, FORMATS, PREFIX_WORDS, PROMPT_VERSION, JudgeSettings, judge, split_prompt
 from evaluation.novelty import novelty_scores
-from evaluation.report import write_report
+from evaluation.report import GRID_NAME, write_report
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor
 from processing import data, scenes
 from processing.llm_client import safe_url
@@ -234,8 +235,28 @@ def run_judge(args, model, processor, d: EvalData, max_new_tokens: int) -> tuple
     return metrics, samples, settings_out
 
 
+def check_output(folder: str) -> None:
+    """Refuse an --output folder holding a report.json, report.md or samples.png that no evaluation wrote (a training
+    run's samples.png, say): the evaluation would replace them. An earlier evaluation's folder (its report.json says
+    so) is written over, as a rerun; judge_cache.jsonl is only appended to."""
+    ours = [os.path.join(folder, name) for name in ("report.json", "report.md", GRID_NAME)]
+    if not any(os.path.lexists(path) for path in ours):
+        return
+    try:
+        with open(ours[0]) as f:
+            command = json.load(f)["settings"]["command"]
+        if isinstance(command, str) and command.startswith("python -m evaluation"):
+            return
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    found = ", ".join(os.path.basename(path) for path in ours if os.path.lexists(path))
+    raise ValueError(f"--output {folder} already holds {found}, which no evaluation wrote (a training run's?); the evaluation "
+                     f"would replace them. Pass another --output, e.g. {os.path.join(folder, 'evaluation')}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_output(args.output)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
