@@ -11,8 +11,9 @@ novelty against the training texts, and the paper's LLM judge.
 Parts (`--parts`, default: what the data allows): grounding (scenes), captions (BLEU-1..4, ROUGE-L,
 CIDEr-D against the references), novelty (max ROUGE-1/ROUGE-L against the training texts,
 distinct-1/2), judge (when --judge_model is given). Out: OUTPUT/report.json, OUTPUT/report.md,
-OUTPUT/samples.png and OUTPUT/judge_cache.jsonl. An OUTPUT holding any of the first three that no evaluation
-wrote (e.g. a training run's folder, with its own samples.png) is refused before anything runs.
+OUTPUT/samples.png and OUTPUT/judge_cache.jsonl. It never replaces a file it did not write: in a folder with
+a samples.png of its own (a training run's, evaluated with --output RUN) the pictures go to
+OUTPUT/evaluation_samples.png, and a report.json or report.md that no evaluation wrote is refused before anything runs.
 """
 
 import argparse
@@ -235,28 +236,38 @@ def run_judge(args, model, processor, d: EvalData, max_new_tokens: int) -> tuple
     return metrics, samples, settings_out
 
 
-def check_output(folder: str) -> None:
-    """Refuse an --output folder holding a report.json, report.md or samples.png that no evaluation wrote (a training
-    run's samples.png, say): the evaluation would replace them. An earlier evaluation's folder (its report.json says
-    so) is written over, as a rerun; judge_cache.jsonl is only appended to."""
-    ours = [os.path.join(folder, name) for name in ("report.json", "report.md", GRID_NAME)]
-    if not any(os.path.lexists(path) for path in ours):
-        return
+APART = "evaluation_samples.png"  # the grid's name in a folder whose samples.png is not an evaluation's (a training run's)
+
+
+def output_files(folder: str) -> str:
+    """The name of the picture grid to write into --output `folder`, so that the evaluation never replaces a file it did
+    not write: samples.png, or evaluation_samples.png beside a samples.png of something else (a training run's, when
+    --output is the run's folder, so that a pushed model card shows the report). A report.json or report.md there that
+    no evaluation wrote is refused. An earlier evaluation's files (its report.json says so) are written over: a rerun."""
+    path = lambda name: os.path.join(folder, name)  # noqa: E731
+    mine = set()
     try:
-        with open(ours[0]) as f:
-            command = json.load(f)["settings"]["command"]
-        if isinstance(command, str) and command.startswith("python -m evaluation"):
-            return
+        with open(path("report.json")) as f:
+            settings = json.load(f)["settings"]
+        if str(settings["command"]).startswith("python -m evaluation"):
+            mine = {"report.json", "report.md", settings.get("grid", GRID_NAME)}
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    found = ", ".join(os.path.basename(path) for path in ours if os.path.lexists(path))
-    raise ValueError(f"--output {folder} already holds {found}, which no evaluation wrote (a training run's?); the evaluation "
-                     f"would replace them. Pass another --output, e.g. {os.path.join(folder, 'evaluation')}")
+    if foreign := [name for name in ("report.json", "report.md") if os.path.lexists(path(name)) and name not in mine]:
+        raise ValueError(f"--output {folder} already holds {' and '.join(foreign)}, which no evaluation wrote and the evaluation "
+                         f"would replace: pass another --output, e.g. {path('evaluation')}")
+    grid = next((name for name in (GRID_NAME, APART) if not os.path.lexists(path(name)) or name in mine), None)
+    if grid is None:
+        raise ValueError(f"--output {folder} already holds {GRID_NAME} and {APART}, which no evaluation wrote; pass another "
+                         f"--output, e.g. {path('evaluation')}")
+    if grid != GRID_NAME:
+        logger.info("%s holds a %s of its own: the evaluation's pictures go to %s", folder, GRID_NAME, APART)
+    return grid
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    check_output(args.output)
+    grid = output_files(args.output)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -323,7 +334,7 @@ def main(argv=None) -> int:
             "vision_feature_select": config.vision_feature_select, "dataset": args.dataset,
             "data": {k: getattr(args, k) for k in DATA_SETTINGS[args.dataset] if getattr(args, k) is not None},
             "num_examples": len(d.images), "parts": parts, "max_new_tokens": max_new_tokens, "decoding": decoding,
-            "batch_size": args.batch_size, "device": device, "seed": args.seed, **settings,
+            "batch_size": args.batch_size, "device": device, "seed": args.seed, "grid": grid, **settings,
             "versions": {p: version(p) for p in ("torch", "transformers", "pycocoevalcap", "rouge_score")},
             "command": "python -m evaluation " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

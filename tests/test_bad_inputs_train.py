@@ -140,8 +140,8 @@ def test_resume_after_the_model_shape_changed_names_the_checkpoint_and_the_setti
     """--config_overrides hidden_size=48 against a run trained with 32: not the Trainer's state_dict size-mismatch
     traceback, and the run's own arguments.json is left as it was."""
     arguments = (run / "arguments.json").read_text()
-    overrides = TINY[TINY.index("--config_overrides") + 1].replace("hidden_size=32", "hidden_size=48")
-    with pytest.raises(ValueError, match=r"checkpoint-4 holds a model of another shape .*hidden_size=32 there, 48 now"):
+    overrides = TINY[TINY.index("--config_overrides") + 1].replace("hidden_size=32,num", "hidden_size=48,num")
+    with pytest.raises(ValueError, match=r"checkpoint-4 holds a model of another shape .*: hidden_size=32 there, 48 now"):
         train.main([*TINY, *RESUMABLE, "--output_dir", str(run), "--max_steps", "6", "--resume_from_checkpoint", "latest",
                     "--config_overrides", overrides])
     assert (run / "arguments.json").read_text() == arguments
@@ -258,21 +258,34 @@ def test_builder_skips_a_fifo_named_in_the_caption_file(tmp_path):
 # --- python -m evaluation's output folder ----------------------------------------------------------------
 
 
+EVALUATE = ["--dataset", "scenes", "--num_examples", "2", "--parts", "grounding", "--max_new_tokens", "4", "--train_examples", "0"]
+
+
 def test_evaluation_into_a_run_folder_keeps_the_runs_samples(saved, tmp_path):
-    """--output RUN (the model's own folder): the run's samples.png would be replaced by the evaluation's."""
+    """--output RUN (the model's own folder, as for a model card with the report): the run's samples.png was replaced
+    by the evaluation's. Its pictures go to evaluation_samples.png, which report.md shows; a rerun keeps to it."""
     run = Path(shutil.copytree(saved, tmp_path / "run"))
     (run / "samples.png").write_bytes(b"the run's own grid")
-    status, stderr = command("-m", "evaluation", "--model", run, "--dataset", "scenes", "--output", run, "--num_examples", "2")
-    refused(status, stderr, r"--output .*run already holds samples.png, which no evaluation wrote .*another --output", "python -m evaluation")
-    assert (run / "samples.png").read_bytes() == b"the run's own grid" and not (run / "report.json").exists()
+    for _ in range(2):
+        assert evaluation_cli.main(["--model", str(run), "--output", str(run), *EVALUATE]) == 0
+        assert (run / "samples.png").read_bytes() == b"the run's own grid"
+        assert (run / "evaluation_samples.png").stat().st_size > 0
+        assert "(evaluation_samples.png)" in (run / "report.md").read_text()
+
+
+def test_evaluation_refuses_a_report_it_did_not_write(saved, tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "report.md").write_text("my notes")
+    status, stderr = command("-m", "evaluation", "--model", saved, "--output", tmp_path / "eval", *EVALUATE)
+    refused(status, stderr, r"--output .*eval already holds report.md, which no evaluation wrote.*: pass another --output", "python -m evaluation")
+    assert (tmp_path / "eval" / "report.md").read_text() == "my notes" and not (tmp_path / "eval" / "report.json").exists()
 
 
 def test_evaluation_writes_over_its_own_earlier_report(saved, tmp_path):
-    args = ["--model", str(saved), "--dataset", "scenes", "--output", str(tmp_path / "eval"), "--num_examples", "2",
-            "--parts", "grounding", "--max_new_tokens", "4", "--train_examples", "0"]
     for _ in range(2):
-        assert evaluation_cli.main(args) == 0
-    assert json.loads((tmp_path / "eval" / "report.json").read_text())["settings"]["num_examples"] == 2
+        assert evaluation_cli.main(["--model", str(saved), "--output", str(tmp_path / "eval"), *EVALUATE]) == 0
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["settings"]["grid"] == "samples.png"
+    assert (tmp_path / "eval" / "samples.png").exists() and not (tmp_path / "eval" / "evaluation_samples.png").exists()
 
 
 # --- benchmark tables -------------------------------------------------------------------------------------
