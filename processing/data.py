@@ -2,7 +2,8 @@
 
 Every loader returns `datasets.Dataset`s with an `image` column (datasets `Image` feature) and a
 `text` column. `check_images` decodes every image once before training starts, so a missing or
-broken file stops the run at once with its name, or, when asked, is skipped and counted.
+broken file, or one that is not a regular file (a FIFO would block its reader for ever), stops the
+run at once with its name, or, when asked, is skipped and counted.
 """
 
 import glob
@@ -43,7 +44,9 @@ def load_coco_captions(
     image_id, references (all captions of the image, for evaluation).
     Every `file_name` must resolve inside `image_dir`: one that does not (an absolute path, `../`)
     stops the load naming it, or with `bad` given is skipped and recorded there. Empty or null
-    captions are skipped and counted in a warning.
+    captions are skipped and counted in a warning, and so are annotations of an image id that
+    `images` does not list and images without a caption (their first ids named). Two `images`
+    entries with one id are refused: the captions could not tell which picture they describe.
     """
     if caption_policy not in CAPTION_POLICIES:
         raise ValueError(f"caption_policy must be one of {CAPTION_POLICIES}, got {caption_policy!r}")
