@@ -259,6 +259,7 @@ def train_in_stages(argv: list[str], then: dict) -> None:
     finished first stage (its metrics.json written) is not run again and each stage resumes from its own
     newest checkpoint; metrics.json sums both stages' wall time and samples."""
     training_args = parse_args(argv)[2]
+    check_arguments(*parse_args([*argv, *flag_list(then)]))  # the second stage's flags, before the first stage trains
     out = training_args.output_dir
     first = os.path.join(out, FIRST_STAGE)
     resuming = asks_to_resume(training_args.resume_from_checkpoint)

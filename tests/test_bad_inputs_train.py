@@ -307,3 +307,11 @@ def test_progress_of_a_folder_that_is_not_a_run(tmp_path):
         from benchmarks import progress
 
         progress.main([str(tmp_path / "run"), "--output", str(tmp_path / "p.json")])
+
+
+def test_a_second_stage_that_cannot_run_is_refused_before_the_first_trains(tmp_path):
+    recipe = tmp_path / "two_stages.json"
+    recipe.write_text(json.dumps({"max_steps": 1, "then": {"self_critical_samples": 3, "max_steps": 0}}))
+    with pytest.raises(ValueError, match="--max_steps must be at least 1"):
+        train.main([*TINY, "--recipe", str(recipe), "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "stage-1").exists()
