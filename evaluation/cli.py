@@ -239,7 +239,7 @@ def run_judge(args, model, processor, d: EvalData, max_new_tokens: int) -> tuple
 APART = "evaluation_samples.png"  # the grid's name in a folder whose samples.png is not an evaluation's (a training run's)
 
 
-def output_files(folder: str) -> str:
+def grid_file(folder: str) -> str:
     """The name of the picture grid to write into --output `folder`, so that the evaluation never replaces a file it did
     not write: samples.png, or evaluation_samples.png beside a samples.png of something else (a training run's, when
     --output is the run's folder, so that a pushed model card shows the report). A report.json or report.md there that
@@ -267,7 +267,7 @@ def output_files(folder: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    grid = output_files(args.output)
+    grid = grid_file(args.output)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
