@@ -48,6 +48,8 @@ from processing.augment import CaptionAugment
 from processing.collator import NanoVLMCollator
 from processing.tokenizer import train_tokenizer
 from processing.word_targets import word_targets, word_vocabulary
+from training.arguments import check_arguments
+from training.checkpoints import asks_to_resume, check_fits, is_complete_checkpoint, resolve_resume
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +161,12 @@ class NanoVLMTrainingArguments(TrainingArguments):
                   "samples.jsonl are removed, other files replaced as they are written); without it such a folder is "
                   "refused unless --resume_from_checkpoint is given"},
     )
+    resume_with_fresh_state: bool = field(
+        default=False,
+        metadata={"help": "resume from a checkpoint that lacks optimizer.pt, scheduler.pt or rng_state.pth with fresh ones "
+                  "(training then differs from the run it continues); without it --resume_from_checkpoint PATH refuses such "
+                  "a checkpoint and latest passes over it"},
+    )
     self_critical_samples: int = field(
         default=0,
         metadata={"help": "self-critical sequence training, a fine-tuning stage for a captioner trained with the caption "
@@ -251,6 +259,7 @@ def train_in_stages(argv: list[str], then: dict) -> None:
     finished first stage (its metrics.json written) is not run again and each stage resumes from its own
     newest checkpoint; metrics.json sums both stages' wall time and samples."""
     training_args = parse_args(argv)[2]
+    check_arguments(*parse_args([*argv, *flag_list(then)]))  # the second stage's flags, before the first stage trains
     out = training_args.output_dir
     first = os.path.join(out, FIRST_STAGE)
     resuming = asks_to_resume(training_args.resume_from_checkpoint)
@@ -387,44 +396,6 @@ def prepare_output_dir(training_args) -> None:
             shutil.rmtree(path)
         elif name == "samples.jsonl":
             os.remove(path)
-
-
-def is_complete_checkpoint(path: str) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint whose state parses and whose weights are
-    there was written whole."""
-    try:
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return False
-    return any(os.path.exists(os.path.join(path, name)) for name in ("model.safetensors", "model.safetensors.index.json"))
-
-
-def asks_to_resume(resume) -> bool:
-    return resume not in (None, False, "false", "False", "")
-
-
-def resolve_resume(resume, output_dir: str):
-    """--resume_from_checkpoint: "latest" (or true) = the newest complete checkpoint in output_dir, skipping
-    (and naming) one a kill left half-written; a path is used as given; None/false = start afresh."""
-    if not asks_to_resume(resume):
-        return None
-    if resume not in (True, "latest", "true", "True"):
-        if not os.path.isdir(resume):
-            raise ValueError(f"--resume_from_checkpoint {resume}: no such checkpoint folder; pass latest or a checkpoint-N folder")
-        return resume
-    steps = {}
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
-                steps[int(name[len("checkpoint-"):])] = os.path.join(output_dir, name)
-    for step in sorted(steps, reverse=True):
-        if is_complete_checkpoint(steps[step]):
-            return steps[step]
-        logger.warning("skipping incomplete checkpoint %s (a run stopped while writing it)", steps[step])
-    raise ValueError(
-        f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}; start afresh with --overwrite_output_dir true"
-    )
 
 
 def caption_length(model, max_length: int | None) -> int:
@@ -926,6 +897,7 @@ def main(argv=None):
 
 
 def train_once(model_args, data_args, training_args):
+    check_arguments(model_args, data_args, training_args)
     if data_args.eval_metrics not in (None, "grounding", "cider"):
         raise ValueError(f"--eval_metrics must be grounding or cider, got {data_args.eval_metrics!r}")
     if data_args.eval_metrics == "grounding" and data_args.dataset != "scenes":
@@ -945,11 +917,13 @@ def train_once(model_args, data_args, training_args):
     bad = data.BadImages()
     if training_args.process_index == 0:  # other ranks could see the files rank 0 is already writing
         prepare_output_dir(training_args)
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, training_args.resume_with_fresh_state)
     os.makedirs(training_args.output_dir, exist_ok=True)
     with training_args.main_process_first(desc="data and tokenizer"):
         train, validation = load_splits(data_args, image_size, training_args.seed, bad)
         processor = build_processor(model_args, train["text"], image_size, training_args.output_dir, resume_from=resume)
+        if resume:  # before this run writes over the run's processor and arguments.json
+            check_fits(resume, model_config(model_args, len(processor.tokenizer)))
         if training_args.process_index == 0:
             processor.save_pretrained(training_args.output_dir)
             with open(os.path.join(training_args.output_dir, "arguments.json"), "w") as f:  # for the model card

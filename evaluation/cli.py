@@ -11,7 +11,9 @@ novelty against the training texts, and the paper's LLM judge.
 Parts (`--parts`, default: what the data allows): grounding (scenes), captions (BLEU-1..4, ROUGE-L,
 CIDEr-D against the references), novelty (max ROUGE-1/ROUGE-L against the training texts,
 distinct-1/2), judge (when --judge_model is given). Out: OUTPUT/report.json, OUTPUT/report.md,
-OUTPUT/samples.png and OUTPUT/judge_cache.jsonl.
+OUTPUT/samples.png and OUTPUT/judge_cache.jsonl. It never replaces a file it did not write: in a folder with
+a samples.png of its own (a training run's, evaluated with --output RUN) the pictures go to
+OUTPUT/evaluation_samples.png, and a report.json or report.md that no evaluation wrote is refused before anything runs.
 
 A judge that grades nothing (its server unreachable, refusing the key or model, answering errors or
 bodies that are not JSON, or every grade unreadable) ends the run with one "judge failed: ..." line
@@ -41,7 +43,7 @@ from evaluation.judge import (
     CRITERIA, FORMATS, JUDGE_CLIENT_DEFAULTS, PREFIX_WORDS, PROMPT_VERSION, JudgeError, JudgeSettings, judge, split_prompt,
 )
 from evaluation.novelty import novelty_scores
-from evaluation.report import write_report
+from evaluation.report import GRID_NAME, write_report
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor
 from processing import data, scenes
 from processing.llm_client import CacheInUseError, FatalLLMError, arg, client_arguments, client_settings, redact, safe_url
@@ -233,8 +235,38 @@ def run_judge(args, model, processor, d: EvalData, max_new_tokens: int) -> tuple
     return metrics, samples, settings_out
 
 
+APART = "evaluation_samples.png"  # the grid's name in a folder whose samples.png is not an evaluation's (a training run's)
+
+
+def grid_file(folder: str) -> str:
+    """The name of the picture grid to write into --output `folder`, so that the evaluation never replaces a file it did
+    not write: samples.png, or evaluation_samples.png beside a samples.png of something else (a training run's, when
+    --output is the run's folder, so that a pushed model card shows the report). A report.json or report.md there that
+    no evaluation wrote is refused. An earlier evaluation's files (its report.json says so) are written over: a rerun."""
+    path = lambda name: os.path.join(folder, name)  # noqa: E731
+    mine = set()
+    try:
+        with open(path("report.json")) as f:
+            settings = json.load(f)["settings"]
+        if str(settings["command"]).startswith("python -m evaluation"):
+            mine = {"report.json", "report.md", settings.get("grid", GRID_NAME)}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if foreign := [name for name in ("report.json", "report.md") if os.path.lexists(path(name)) and name not in mine]:
+        raise ValueError(f"--output {folder} already holds {' and '.join(foreign)}, which no evaluation wrote and the evaluation "
+                         f"would replace: pass another --output, e.g. {path('evaluation')}")
+    grid = next((name for name in (GRID_NAME, APART) if not os.path.lexists(path(name)) or name in mine), None)
+    if grid is None:
+        raise ValueError(f"--output {folder} already holds {GRID_NAME} and {APART}, which no evaluation wrote; pass another "
+                         f"--output, e.g. {path('evaluation')}")
+    if grid != GRID_NAME:
+        logger.info("%s holds a %s of its own: the evaluation's pictures go to %s", folder, GRID_NAME, APART)
+    return grid
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    grid = grid_file(args.output)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -305,7 +337,7 @@ def main(argv=None) -> int:
             "vision_feature_select": config.vision_feature_select, "dataset": args.dataset,
             "data": {k: getattr(args, k) for k in DATA_SETTINGS[args.dataset] if getattr(args, k) is not None},
             "num_examples": len(d.images), "parts": parts, "max_new_tokens": max_new_tokens, "decoding": decoding,
-            "batch_size": args.batch_size, "device": device, "seed": args.seed, **settings,
+            "batch_size": args.batch_size, "device": device, "seed": args.seed, "grid": grid, **settings,
             "versions": {p: version(p) for p in ("torch", "transformers", "pycocoevalcap", "rouge_score")},
             "command": "python -m evaluation " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
