@@ -39,10 +39,10 @@ from processing.collator import NanoVLMCollator
 from publishing import push_to_hub
 from publishing.model_card import write_model_card
 from training.arguments import check_arguments, parse_args
-from training.checkpoints import prepare_output_dir, resolve_resume
+from training.checkpoints import check_fits, prepare_output_dir, resolve_resume
 from training.data import build_processor, load_splits
 from training.launch import check_launch
-from training.model import build_model, caption_length, image_size_of
+from training.model import build_model, caption_length, image_size_of, model_config
 from training.objectives import remove_training_heads, with_objectives
 from training.recipes import second_stage, train_in_stages
 from training.self_critical import WithReferences, self_critical_setup
@@ -74,13 +74,15 @@ def train_once(model_args, data_args, training_args):
     # output folder: refuse one an earlier run used, unless resuming or overwriting
     if training_args.process_index == 0:  # other ranks could see the files rank 0 is already writing
         prepare_output_dir(training_args)
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, training_args.resume_with_fresh_state)
     os.makedirs(training_args.output_dir, exist_ok=True)
 
     # data and processor (rank 0 first: it trains the tokenizer, the others load what it saved)
     with training_args.main_process_first(desc="data and tokenizer"):
         train, validation = load_splits(data_args, image_size, training_args.seed, bad)
         processor = build_processor(model_args, train["text"], image_size, training_args.output_dir, resume_from=resume)
+        if resume:  # before this run writes over the run's processor and arguments.json
+            check_fits(resume, model_config(model_args, len(processor.tokenizer)))
         if training_args.process_index == 0:
             processor.save_pretrained(training_args.output_dir)
             with open(os.path.join(training_args.output_dir, "arguments.json"), "w") as f:  # for the model card

@@ -4,6 +4,7 @@
 """
 
 import json
+import sys
 
 from transformers import HfArgumentParser
 
@@ -95,12 +96,34 @@ def markdown(report: dict) -> str:
     return "\n".join(parts)
 
 
+def read_report(path: str) -> dict:
+    """The bench.json at `path`; `ValueError` naming it when it is missing, not JSON or not a benchmark report."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; pass the bench.json that python -m benchmarks wrote") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is not a JSON file ({err}); pass the bench.json that python -m benchmarks wrote") from None
+    if not isinstance(report, dict) or "targets" not in report:
+        raise ValueError(f"{path} is not a benchmark report (no 'targets'); pass the bench.json that python -m benchmarks wrote")
+    return report
+
+
 def main(argv=None):
     parser = HfArgumentParser((), description=__doc__.splitlines()[0])
     parser.add_argument("report", help="bench.json, written by python -m benchmarks")
-    with open(parser.parse_args(argv).report) as f:
-        print(markdown(json.load(f)))
+    path = parser.parse_args(argv).report
+    report = read_report(path)
+    try:
+        print(markdown(report))
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} lacks {err} or holds it in another form: a report of another "
+                         "version of python -m benchmarks? Rerun it") from None
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:
+        sys.exit(f"python -m benchmarks.table: error: {err}")

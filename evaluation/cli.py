@@ -11,7 +11,14 @@ novelty against the training texts, and the paper's LLM judge.
 Parts (`--parts`, default: what the data allows): grounding (scenes), captions (BLEU-1..4, ROUGE-L,
 CIDEr-D against the references), novelty (max ROUGE-1/ROUGE-L against the training texts,
 distinct-1/2), judge (when --judge_model is given). Out: OUTPUT/report.json, OUTPUT/report.md,
-OUTPUT/samples.png and OUTPUT/judge_cache.jsonl.
+OUTPUT/samples.png and OUTPUT/judge_cache.jsonl. It never replaces a file it did not write: in a folder with
+a samples.png of its own (a training run's, evaluated with --output RUN) the pictures go to
+OUTPUT/evaluation_samples.png, and a report.json or report.md that no evaluation wrote is refused before anything runs.
+
+A judge that grades nothing (its server unreachable, refusing the key or model, answering errors or
+bodies that are not JSON, or every grade unreadable) ends the run with one "judge failed: ..." line
+and exit status 1; the other parts' results are written first, with the error in report.json's
+settings. The judge's API key is redacted from every file written, in every encoding.
 """
 
 import argparse
@@ -32,12 +39,14 @@ from evaluation.caption_metrics import TOKENIZERS, caption_scores
 from evaluation.captioning import generate_captions
 from evaluation.grounding import claim_marks, grounding_scores, repetition_scores
 from evaluation.image_use import image_gap, unique_caption_share
-from evaluation.judge import CRITERIA, FORMATS, PREFIX_WORDS, PROMPT_VERSION, JudgeSettings, judge, split_prompt
+from evaluation.judge import (
+    CRITERIA, FORMATS, JUDGE_CLIENT_DEFAULTS, PREFIX_WORDS, PROMPT_VERSION, JudgeError, JudgeSettings, judge, split_prompt,
+)
 from evaluation.novelty import novelty_scores
-from evaluation.report import write_report
+from evaluation.report import GRID_NAME, write_report
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor
 from processing import data, scenes
-from processing.llm_client import safe_url
+from processing.llm_client import CacheInUseError, FatalLLMError, arg, client_arguments, client_settings, redact, safe_url
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +66,7 @@ class EvalData:
     train_source: str | None = None
 
 
-def _arg(default=None, help=None, **kwargs):
-    return field(default=default, metadata={"help": help, **kwargs})
+_arg = arg
 
 
 DECODING = {"num_beams": 1, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0}  # generate()'s own defaults
@@ -124,22 +132,18 @@ class HfDataArguments:
 class MetricArguments:
     _argument_group_name = "caption metrics and the LLM judge (paper protocol)"
     caption_tokenizer: str = _arg("auto", "ptb (COCO's, needs java), simple, or auto", choices=list(TOKENIZERS))
-    judge_model: str | None = _arg(help="judge model name as the server knows it (the paper: gpt-4o)")
-    judge_base_url: str | None = _arg(help="OpenAI-compatible API root (default: OpenAI)")
-    judge_api_key_env: str = _arg("OPENAI_API_KEY", "environment variable holding the judge's API key")
     judge_samples: int = _arg(50, "examples whose completion (and reference) are judged")
     protocol: str | None = _arg(help="beginning of 6-7 or 18-20 words (default: the style)", choices=sorted(PREFIX_WORDS))
     judge_format: str = _arg("auto", "response_format; auto probes the server", choices=["auto", *FORMATS])
-    judge_concurrency: int = _arg(4, "judge requests in flight")
-    judge_timeout: float = _arg(120.0, "seconds before a judge request is retried")
-    judge_max_attempts: int = _arg(6, "HTTP requests per judged text at most")
     judge_max_reasks: int = _arg(2, "re-asks after an unreadable grade")
     judge_max_tokens: int = _arg(120, "grade length cap")
-    judge_backoff_base: float = _arg(1.0, "first retry waits about this many seconds, doubling after")
     judge_cache: str | None = _arg(help="default: OUTPUT/judge_cache.jsonl (share one to reuse grades)")
 
 
-ARGUMENTS = (EvaluationArguments, ScenesArguments, CocoArguments, HfDataArguments, MetricArguments)
+# --judge_model, --judge_base_url, --judge_api_key_env, --judge_concurrency, --judge_timeout, --judge_max_attempts, --judge_backoff_*
+JudgeClientArguments = client_arguments("judge_", "the LLM judge's server (the judge runs when --judge_model is given)",
+                                        **JUDGE_CLIENT_DEFAULTS)
+ARGUMENTS = (EvaluationArguments, ScenesArguments, CocoArguments, HfDataArguments, MetricArguments, JudgeClientArguments)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -216,11 +220,8 @@ def run_judge(args, model, processor, d: EvalData, max_new_tokens: int) -> tuple
     full = generate_captions(model, processor, [d.images[i] for i, _ in chosen], prompts=beginnings,
                              batch_size=args.batch_size, max_new_tokens=max_new_tokens)
     completions = [f[len(b):].strip() for f, b in zip(full, beginnings)]
-    settings = JudgeSettings(
-        model=args.judge_model, base_url=args.judge_base_url, api_key_env=args.judge_api_key_env, response_format=args.judge_format,
-        concurrency=args.judge_concurrency, timeout=args.judge_timeout, max_attempts=args.judge_max_attempts,
-        max_reasks=args.judge_max_reasks, max_tokens=args.judge_max_tokens, backoff_base=args.judge_backoff_base,
-    )
+    settings = JudgeSettings(**client_settings(args, "judge_"), response_format=args.judge_format,
+                             max_reasks=args.judge_max_reasks, max_tokens=args.judge_max_tokens)
     groups = {"model": list(zip(beginnings, completions)), "reference": [(b, rest) for _, (b, rest) in chosen]}
     result = judge(groups, settings, args.judge_cache or os.path.join(args.output, "judge_cache.jsonl"))
     metrics = flatten("judge", result["summary"]["model"]) | flatten("judge_reference", result["summary"]["reference"])
@@ -234,8 +235,38 @@ def run_judge(args, model, processor, d: EvalData, max_new_tokens: int) -> tuple
     return metrics, samples, settings_out
 
 
+APART = "evaluation_samples.png"  # the grid's name in a folder whose samples.png is not an evaluation's (a training run's)
+
+
+def grid_file(folder: str) -> str:
+    """The name of the picture grid to write into --output `folder`, so that the evaluation never replaces a file it did
+    not write: samples.png, or evaluation_samples.png beside a samples.png of something else (a training run's, when
+    --output is the run's folder, so that a pushed model card shows the report). A report.json or report.md there that
+    no evaluation wrote is refused. An earlier evaluation's files (its report.json says so) are written over: a rerun."""
+    path = lambda name: os.path.join(folder, name)  # noqa: E731
+    mine = set()
+    try:
+        with open(path("report.json")) as f:
+            settings = json.load(f)["settings"]
+        if str(settings["command"]).startswith("python -m evaluation"):
+            mine = {"report.json", "report.md", settings.get("grid", GRID_NAME)}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if foreign := [name for name in ("report.json", "report.md") if os.path.lexists(path(name)) and name not in mine]:
+        raise ValueError(f"--output {folder} already holds {' and '.join(foreign)}, which no evaluation wrote and the evaluation "
+                         f"would replace: pass another --output, e.g. {path('evaluation')}")
+    grid = next((name for name in (GRID_NAME, APART) if not os.path.lexists(path(name)) or name in mine), None)
+    if grid is None:
+        raise ValueError(f"--output {folder} already holds {GRID_NAME} and {APART}, which no evaluation wrote; pass another "
+                         f"--output, e.g. {path('evaluation')}")
+    if grid != GRID_NAME:
+        logger.info("%s holds a %s of its own: the evaluation's pictures go to %s", folder, GRID_NAME, APART)
+    return grid
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    grid = grid_file(args.output)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -286,12 +317,15 @@ def main(argv=None) -> int:
         metrics |= {f"novelty.{k}": v for k, v in scores.items()}
         settings["novelty_training_texts"] = d.train_source
         seconds["novelty"] = time.perf_counter() - t
-    judge_samples = []
+    judge_samples, judge_error = [], None
     if "judge" in parts:
         t = time.perf_counter()
-        judge_metrics, judge_samples, judge_settings = run_judge(args, model, processor, d, max_new_tokens)
-        metrics |= judge_metrics
-        settings |= judge_settings
+        try:
+            judge_metrics, judge_samples, judge_settings = run_judge(args, model, processor, d, max_new_tokens)
+            metrics |= judge_metrics
+            settings |= judge_settings
+        except (JudgeError, FatalLLMError, CacheInUseError) as err:  # the parts before it are still written
+            judge_error = settings["judge_error"] = str(err)
         seconds["judge"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
 
@@ -303,7 +337,7 @@ def main(argv=None) -> int:
             "vision_feature_select": config.vision_feature_select, "dataset": args.dataset,
             "data": {k: getattr(args, k) for k in DATA_SETTINGS[args.dataset] if getattr(args, k) is not None},
             "num_examples": len(d.images), "parts": parts, "max_new_tokens": max_new_tokens, "decoding": decoding,
-            "batch_size": args.batch_size, "device": device, "seed": args.seed, **settings,
+            "batch_size": args.batch_size, "device": device, "seed": args.seed, "grid": grid, **settings,
             "versions": {p: version(p) for p in ("torch", "transformers", "pycocoevalcap", "rouge_score")},
             "command": "python -m evaluation " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -313,7 +347,12 @@ def main(argv=None) -> int:
         "judge_samples": judge_samples,
     }
     marks = [claim_marks(c, s) for c, s in zip(captions[:args.grid_size], d.scenes)] if "grounding" in parts else None
+    if "judge" in parts:  # a judge server may echo its key back: no file gets it, in any encoding
+        report = json.loads(redact(json.dumps(report), os.environ.get(args.judge_api_key_env)))
     write_report(args.output, report, d.images, captions, d.texts, args.grid_size, marks=marks)
+    if judge_error is not None:
+        logger.error("judge failed: %s. The other parts are in %s", judge_error, os.path.join(args.output, "report.json"))
+        return 1
     logger.info("wrote %s (%.1f s)", os.path.join(args.output, "report.json"), seconds["total"])
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=2))
     return 0

@@ -15,19 +15,24 @@ answers 500 to json_schema). Every answer is parsed and range-checked against th
 the mode, and re-asked at most `max_reasks` times. Requests go through `processing.llm_client`
 (the description builder's client: bounded concurrency, retries with backoff, Retry-After, key
 redaction), and every graded text is cached in a JSONL file keyed by (judge model, prompt version,
-hash of the text), so a rerun or a repeated text asks nothing again.
+hash of the text), so a rerun or a repeated text asks nothing again. The key is redacted, in every
+encoding, from each record before it is written (`processing.llm_client.redact`).
+
+A judge that grades nothing is an error, never a summary of zero grades: `JudgeError` when the
+server answers no probe, or when every text failed (the reasons counted in its message).
 """
 
 import asyncio
 import hashlib
 import logging
 import math
+import os
 import random
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from processing.llm_client import JsonlCache, LLMClient, json_schema_format, json_validator, run_pool
+from processing.llm_client import ClientSettings, JsonlCache, LLMClient, count_failures, json_schema_format, json_validator, run_pool
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,10 @@ PROMPT = (
 # (a slightly wider, conservative interval).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+class JudgeError(RuntimeError):
+    """The judge graded nothing: its server answered no probe, or every text failed."""
 
 
 def split_prompt(text: str, protocol: str, rng: random.Random) -> tuple[str, str] | None:
@@ -90,24 +99,23 @@ def response_format(name: str) -> dict | None:
     }[name]
 
 
+# The judge's server settings where they differ from the builder's: fewer requests in flight, grading waits longer.
+JUDGE_CLIENT_DEFAULTS = {"concurrency": 4, "timeout": 120.0}
+
+
 @dataclass
-class JudgeSettings:
-    model: str
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
+class JudgeSettings(ClientSettings):
+    """The judge's server (`ClientSettings`, flags `--judge_...`) and how it is asked."""
+
+    concurrency: int = JUDGE_CLIENT_DEFAULTS["concurrency"]
+    timeout: float = JUDGE_CLIENT_DEFAULTS["timeout"]
     response_format: str = "auto"
-    concurrency: int = 4
-    timeout: float = 120.0
-    max_attempts: int = 6
     max_reasks: int = 2
     max_tokens: int = 120
     temperature: float = 0.0
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
 
-    def client(self, max_attempts: int | None = None, concurrency: int | None = None) -> LLMClient:
-        return LLMClient(self.model, self.base_url, self.api_key_env, concurrency or self.concurrency, self.timeout,
-                         max_attempts or self.max_attempts, self.backoff_base, self.backoff_max)
+    def client(self, flag_prefix: str = "judge_", max_attempts: int | None = None, concurrency: int | None = None) -> LLMClient:
+        return super().client(flag_prefix, max_attempts, concurrency)
 
 
 def _messages(beginning: str, completion: str) -> list[dict]:
@@ -139,8 +147,8 @@ async def probe_format(settings: JudgeSettings, beginning: str, completion: str)
             logger.info("judge: the server accepts response_format %s", fmt)
             return fmt
         logger.info("judge: response_format %s refused (%s)", fmt, answer.reason)
-    raise RuntimeError(f"the judge server at {settings.base_url or 'the OpenAI API'} answered no request "
-                       f"(last: {answer.reason}); check --judge_base_url and --judge_model")
+    raise JudgeError(f"the judge server at {client.base_url} answered no request "
+                     f"(last: {answer.reason}); check --judge_base_url and --judge_model")
 
 
 async def _grade_all(pairs: list[tuple[str, str]], settings: JudgeSettings, cache: JsonlCache, fmt: str) -> dict:
@@ -186,10 +194,11 @@ def judge(groups: dict[str, list[tuple[str, str]]], settings: JudgeSettings, cac
 
     Returns {"format": the response_format used, "usage": tokens and errors of this run, "records":
     {group: [cache record or None, ...]}, "summary": {group: `summarize`}}. Raises FatalLLMError
-    (bad key, model or URL) and RuntimeError (no answer at all while probing).
+    (bad key, model or URL, an unreachable server), JudgeError (no answer while probing, or no text
+    graded) and CacheInUseError (another process writes `cache_path`).
     """
     pairs = [p for ps in groups.values() for p in ps]
-    with JsonlCache(cache_path, ("model", "prompt_version", "key")) as cache:
+    with JsonlCache(cache_path, ("model", "prompt_version", "key"), secret=os.environ.get(settings.api_key_env)) as cache:
         missing = [p for p in pairs if (settings.model, PROMPT_VERSION, text_key(*p)) not in cache]
         fmt, usage = settings.response_format, {}
         if missing:
@@ -197,6 +206,10 @@ def judge(groups: dict[str, list[tuple[str, str]]], settings: JudgeSettings, cac
                 fmt = asyncio.run(probe_format(settings, *missing[0]))
             usage = asyncio.run(_grade_all(missing, settings, cache, fmt))
         records = {name: [cache.get((settings.model, PROMPT_VERSION, text_key(*p))) for p in ps] for name, ps in groups.items()}
-    formats = sorted({r["format"] for rs in records.values() for r in rs if r is not None})
+    graded = list({r["key"]: r for rs in records.values() for r in rs if r is not None}.values())
+    if pairs and not any(r["status"] == "done" for r in graded):
+        raise JudgeError(f"the judge graded none of the {len(graded)} texts: {count_failures([r['reason'] for r in graded])}; "
+                         f"each text's reason is in {cache_path}; check --judge_base_url, --judge_model and --judge_format")
+    formats = sorted({r["format"] for r in graded})
     return {"format": fmt if missing else ",".join(formats) + " (cached)", "usage": usage, "records": records,
             "summary": {name: summarize(rs) for name, rs in records.items()}}

@@ -46,7 +46,7 @@ def markdown(report: dict) -> str:
         rows = [(r["beginning"], r["model"], json.dumps(r["model_scores"]), r["reference"], json.dumps(r["reference_scores"]))
                 for r in report["judge_samples"]]
         lines += ["## Judged completions", "", *_table(header, rows)]
-    lines += [f"![pictures with the model's text and the reference]({GRID_NAME})", ""]
+    lines += [f"![pictures with the model's text and the reference]({s.get('grid', GRID_NAME)})", ""]
     return "\n".join(lines)
 
 
@@ -60,7 +60,8 @@ def write_report(output_dir: str, report: dict, images, captions, references, gr
         f.write(markdown(report))
     k = min(grid_size, len(images))
     if k:
-        plot_caption_grid(images[:k], captions[:k], os.path.join(output_dir, GRID_NAME), references=references[:k],
+        grid = report["settings"].get("grid", GRID_NAME)  # evaluation_samples.png beside a training run's samples.png
+        plot_caption_grid(images[:k], captions[:k], os.path.join(output_dir, grid), references=references[:k],
                           marks=marks[:k] if marks is not None else None)
 
 

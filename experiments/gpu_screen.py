@@ -63,7 +63,10 @@ def prepare(shared: str = os.environ.get("FLICKR8K", "../shared/data/flickr8k"))
     for split, captions in (("train", train), ("val", val)):
         json.dump(captions, open(f"{DATA}/captions_{split}.json", "w"))
     for image in tqdm(train["images"] + val["images"], desc="144 px copies"):
-        photo = Image.open(f"{shared}/images/{image['file_name']}").convert("RGB")
+        source = f"{shared}/images/{image['file_name']}"
+        if not os.path.isfile(source):  # a FIFO would block the open for ever
+            sys.exit(f"{source} is not a regular file: the caption files' images must be image files")
+        photo = Image.open(source).convert("RGB")
         scale = 144 / min(photo.size)
         photo = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.BICUBIC)
         photo.save(f"{DATA}/images/{image['file_name']}", "WEBP", quality=80)  # the name keeps .jpg; PIL reads the content

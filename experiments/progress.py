@@ -35,11 +35,23 @@ class ProgressArguments:
 def read_evaluations(folder: str) -> list[dict]:
     """The evaluations of the run in `folder`, by step; a folder without samples.jsonl says so."""
     path = os.path.join(folder, "samples.jsonl")
-    if not os.path.exists(path):
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such run folder; pass the --output_dir of a train.py run")
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: train.py writes it at each evaluation of a run with "
                                 "--eval_strategy steps (and --num_sample_captions > 0 or --eval_metrics)")
+    rows = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"{path}, line {number}: not JSON ({err}); train.py writes one JSON object a line") from None
+            if not isinstance(row, dict) or "step" not in row:
+                raise ValueError(f"{path}, line {number}: not an evaluation of train.py (no 'step')")
+            rows.append(row)
     by_step = {row["step"]: {k: v for k, v in row.items() if k not in SKIP} | {"step": row["step"]} for row in rows}
     return [by_step[step] for step in sorted(by_step)]  # a resumed run may log a step twice: the last counts
 
@@ -114,4 +126,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as err:  # a folder that is not a run, a damaged samples.jsonl: the message says which
+        sys.exit(f"python -m experiments.progress: error: {err}")

@@ -23,6 +23,11 @@ list or numbering, title, markup, preamble or emoji) and reads simply: Flesch-Ki
 text in short sentences of short words, as the prompt asks, scores about -2 to 2, while Flickr8k's
 adult one-sentence captions have a median of 3.8 and a 25-word single sentence scores about 7). A rejected answer is re-asked with the
 reason, at most --max_reasks times; then the item is recorded as failed with that reason.
+
+The exit status says whether the data was built: 0 when at least one item was accepted and at most
+--max_failed_fraction (default 0.5) of the finished items failed; 1, with one line that counts the
+failures by reason, when none was accepted or more failed (what was accepted is still saved); 2 when
+the server refused the key, model or URL or could not be reached (a rerun goes on where it stopped).
 """
 
 import argparse
@@ -45,7 +50,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import HfArgumentParser
 
 from processing.data import BadImages, decode_error, load_coco_captions
-from processing.llm_client import FatalLLMError, JsonlCache, LLMClient, run_pool, safe_url
+from processing.llm_client import (
+    CacheInUseError, ClientSettings, FatalLLMError, JsonlCache, LLMClient, arg, client_arguments, client_settings, count_failures,
+    run_pool, safe_url,
+)
 from processing.prompts import Prompts, load_prompts
 
 logger = logging.getLogger(__name__)
@@ -270,52 +278,61 @@ def make_report(args, prompts: Prompts, client: LLMClient | None, items: list[It
     }
 
 
+def failure_summary(records: list[dict], total: int, max_failed_fraction: float) -> str | None:
+    """One line when the run did not build what it should: no item accepted, or more than
+    `max_failed_fraction` of the finished items failed; the failures counted by reason (a retried
+    error by its last kind: "retries_exhausted (last 500)"), each with one example. None otherwise."""
+    failed = [r["reason"] for r in records if r["status"] == "failed"]
+    done = len(records) - len(failed)
+    if done and len(failed) <= max_failed_fraction * len(records):
+        return None
+    if not records:
+        return f"0 of {total} items done: no item could be requested (every image was skipped; report.json says why)"
+    return f"{len(failed)} of {len(records)} items failed (--max_failed_fraction allows {max_failed_fraction:g}): {count_failures(failed)}"
+
+
 # --- command line -----------------------------------------------------------------------------------
-
-
-def _arg(default=None, help=None, **kwargs):
-    return field(default=default, metadata={"help": help, **kwargs})
 
 
 @dataclass
 class BuilderArguments:
     caption_file: str = field(metadata={"help": "MS-COCO captions JSON (images + annotations)"})
     image_dir: str = field(metadata={"help": "folder of the images named in the caption file"})
-    style: str = _arg("both", "ShortDesc (20-25 words), LongDesc (60-70) or both", choices=["short", "long", "both"])
-    limit: int | None = _arg(help="only the first N images (by id)")
-    output: str = _arg("outputs/descriptions", "folder for cache.jsonl, dataset/, parquet/, report.json")
-    cache: str | None = _arg(help="cache file (default OUTPUT/cache.jsonl); share one across outputs to reuse answers")
-    retry_failed: bool = _arg(False, "re-request items the cache holds as failed")
-    base_url: str | None = _arg(help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)")
-    model: str = _arg("gpt-4o", "model name as the server knows it (the paper: gpt-4o)")
-    api_key_env: str = _arg("OPENAI_API_KEY", "environment variable holding the API key")
-    concurrency: int = _arg(8, "requests in flight at once")
-    timeout: float = _arg(60.0, "seconds before a request counts as failed (and is retried)")
-    max_attempts: int = _arg(6, "HTTP requests per item at most, retries and re-asks included")
-    max_reasks: int = _arg(2, "re-asks after an answer that fails validation")
-    backoff_base: float = _arg(1.0, "first retry waits about this many seconds, doubling after")
-    backoff_max: float = _arg(60.0, "longest wait between retries (Retry-After aside)")
-    temperature: float = _arg(0.7, "sampling temperature")
-    max_tokens: int | None = _arg(help="answer length cap (default: 3 x the style's top word count + 50)")
-    stop: list[str] | None = _arg(help="stop sequence(s); escapes allowed (--stop '\\n' ends a base model's answer at its first line)")
-    max_grade: float = _arg(3.0, "highest Flesch-Kincaid grade accepted (the simple-language check)")
-    prompts: str | None = _arg(help="JSON file overriding the built-in prompts (see processing/prompts.py)")
-    merge_system: bool = _arg(False, "send the system prompt inside the user message (for chat templates that drop system "
+    style: str = arg("both", "ShortDesc (20-25 words), LongDesc (60-70) or both", choices=["short", "long", "both"])
+    limit: int | None = arg(help="only the first N images (by id)")
+    output: str = arg("outputs/descriptions", "folder for cache.jsonl, dataset/, parquet/, report.json")
+    cache: str | None = arg(help="cache file (default OUTPUT/cache.jsonl); share one across outputs to reuse answers")
+    retry_failed: bool = arg(False, "re-request items the cache holds as failed")
+    max_reasks: int = arg(2, "re-asks after an answer that fails validation")
+    temperature: float = arg(0.7, "sampling temperature")
+    max_tokens: int | None = arg(help="answer length cap (default: 3 x the style's top word count + 50)")
+    stop: list[str] | None = arg(help="stop sequence(s); escapes allowed (--stop '\\n' ends a base model's answer at its first line)")
+    max_grade: float = arg(3.0, "highest Flesch-Kincaid grade accepted (the simple-language check)")
+    prompts: str | None = arg(help="JSON file overriding the built-in prompts (see processing/prompts.py)")
+    merge_system: bool = arg(False, "send the system prompt inside the user message (for chat templates that drop system "
                               "messages, e.g. llama.cpp's gemma)")
-    validation_fraction: float = _arg(0.1, "share of images in the validation split")
-    push_to_hub: str | None = _arg(help="also push the dataset to this Hub repo", metavar="REPO")
+    validation_fraction: float = arg(0.1, "share of images in the validation split")
+    max_failed_fraction: float = arg(0.5, "exit with status 1 when more than this share of the finished items failed "
+                                      "(or none was accepted); what was accepted is saved either way")
+    push_to_hub: str | None = arg(help="also push the dataset to this Hub repo", metavar="REPO")
+
+
+# --model, --base_url, --api_key_env, --concurrency, --timeout, --max_attempts, --backoff_base, --backoff_max
+ClientArguments = client_arguments("", "the LLM server", model="gpt-4o")
 
 
 def parse_args(argv=None):
-    p = HfArgumentParser(BuilderArguments, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    (parsed,) = p.parse_args_into_dataclasses(args=argv)
-    args = argparse.Namespace(**asdict(parsed))
+    p = HfArgumentParser((BuilderArguments, ClientArguments), description=__doc__.split("\n\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = argparse.Namespace(**{k: v for parsed in p.parse_args_into_dataclasses(args=argv) for k, v in asdict(parsed).items()})
     args.styles = ["short", "long"] if args.style == "both" else [args.style]
     args.stop = [codecs.decode(s, "unicode_escape") for s in args.stop] if args.stop else None
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
     if not 0 <= args.validation_fraction < 1:
         p.error("--validation_fraction must be in [0, 1)")
+    if not 0 <= args.max_failed_fraction <= 1:
+        p.error("--max_failed_fraction must be in [0, 1]")
     return args
 
 
@@ -332,7 +349,7 @@ def main(argv=None) -> int:
         logger.warning("%d image(s) are skipped and will not be requested, e.g. %s (%s); report.json lists them",
                        len(missing), missing[0]["image"], missing[0]["reason"])
     os.makedirs(args.output, exist_ok=True)
-    cache = JsonlCache(args.cache or os.path.join(args.output, "cache.jsonl"), KEY_FIELDS)
+    cache = JsonlCache(args.cache or os.path.join(args.output, "cache.jsonl"), KEY_FIELDS, secret=os.environ.get(args.api_key_env))
     key = lambda item: (args.model, prompts.version, item.style, item.image_id)  # noqa: E731
     finished = {(i.style, i.image_id) for i in items if key(i) in cache and (cache.get(key(i))["status"] == "done" or not args.retry_failed)}
     pending = [i for i in items if (i.style, i.image_id) not in finished]
@@ -347,10 +364,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         if pending:
-            client = LLMClient(
-                args.model, args.base_url, args.api_key_env, args.concurrency, args.timeout, args.max_attempts,
-                args.backoff_base, args.backoff_max,
-            )
+            client = ClientSettings(**client_settings(args)).client()
             with logging_redirect_tqdm():
                 asyncio.run(describe(pending, client, prompts, cache, args))
     except FatalLLMError as err:
@@ -374,18 +388,24 @@ def main(argv=None) -> int:
                 report["pushed_to"] = args.push_to_hub
         else:
             logger.warning("no item was accepted, so no dataset was written; see the failures in report.json")
+        if (summary := failure_summary(records, len(items), args.max_failed_fraction)) is not None:
+            status = 1
+            report["failure_summary"] = f"{summary}; each item's reason is in {cache.path}"
+    report["exit_status"] = status
     with open(os.path.join(args.output, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     logger.info(
-        "done %d (this run %d, cached %d), failed %s, tokens %s -> %s",
-        report["done"], report["done_this_run"], report["cached"], report["failed"] or "none",
+        "%d of %d done (this run %d, cached %d), failed %s, tokens %s -> %s",
+        report["done"], report["items"], report["done_this_run"], report["cached"], report["failed"] or "none",
         {k: report["tokens"]["this_run"][k] for k in ("prompt_tokens", "completion_tokens")} if client else "none", args.output,
     )
+    if "failure_summary" in report:
+        logger.error("build_descriptions: %s", report["failure_summary"])
     return status
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ValueError, FileNotFoundError) as err:  # a refused input: its message says what to do
+    except (ValueError, FileNotFoundError, CacheInUseError) as err:  # a refused input: its message says what to do
         sys.exit(f"build_descriptions: error: {err}")

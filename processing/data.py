@@ -2,7 +2,8 @@
 
 Every loader returns `datasets.Dataset`s with an `image` column (datasets `Image` feature) and a
 `text` column. `check_images` decodes every image once before training starts, so a missing or
-broken file stops the run at once with its name, or, when asked, is skipped and counted.
+broken file, or one that is not a regular file (a FIFO would block its reader for ever), stops the
+run at once with its name, or, when asked, is skipped and counted.
 """
 
 import glob
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import random
+import stat
 from dataclasses import dataclass, field
 
 import datasets
@@ -42,7 +44,9 @@ def load_coco_captions(
     image_id, references (all captions of the image, for evaluation).
     Every `file_name` must resolve inside `image_dir`: one that does not (an absolute path, `../`)
     stops the load naming it, or with `bad` given is skipped and recorded there. Empty or null
-    captions are skipped and counted in a warning.
+    captions are skipped and counted in a warning, and so are annotations of an image id that
+    `images` does not list and images without a caption (their first ids named). Two `images`
+    entries with one id are refused: the captions could not tell which picture they describe.
     """
     if caption_policy not in CAPTION_POLICIES:
         raise ValueError(f"caption_policy must be one of {CAPTION_POLICIES}, got {caption_policy!r}")
@@ -67,9 +71,17 @@ def load_coco_captions(
         captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
     if empty:
         logger.warning("%s: skipped %d empty or null caption(s)", caption_file, empty)
+    first_of: dict = {}  # image id -> its first entry
     for n, image in enumerate(coco["images"]):
         if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
             raise ValueError(f"{caption_file}: image {n} ({str(image)[:80]}) needs 'id' and a 'file_name' string")
+        if (earlier := first_of.setdefault(image["id"], image)) is not image:
+            raise ValueError(f"{caption_file}: image id {image['id']!r} is listed twice, as {earlier['file_name']!r} and "
+                             f"{image['file_name']!r}; its captions cannot tell which picture they describe. Give each "
+                             "image its own id")
+    _warn_dropped(caption_file, "annotation(s) whose image id 'images' does not list", sorted(set(captions) - set(first_of), key=str),
+                  sum(len(refs) for key, refs in captions.items() if key not in first_of))
+    _warn_dropped(caption_file, "image(s) without a caption", [i for i in first_of if i not in captions])
     root = os.path.realpath(image_dir)
     rng = random.Random(seed)
     rows = {"image": [], "text": [], "image_id": [], "references": []}
@@ -91,8 +103,16 @@ def load_coco_captions(
             rows["image_id"].append(image["id"])
             rows["references"].append(refs)
     if not rows["image"]:
-        raise ValueError(f"{caption_file}: no image with a caption (and a file inside {image_dir}); nothing to load")
+        raise ValueError(f"{caption_file}: no image with a caption (and a file inside {image_dir}); nothing to load "
+                         f"({len(first_of)} image(s), {len(captions)} image id(s) with captions: see the warnings above)")
     return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+
+
+def _warn_dropped(caption_file: str, what: str, ids: list, count: int | None = None) -> None:
+    """Log the ids dropped from a caption file for `what`, the first few of them and how many."""
+    if ids:
+        shown = ", ".join(repr(i) for i in ids[:5]) + (f", ... ({len(ids)} ids)" if len(ids) > 5 else "")
+        logger.warning("%s: dropped %d %s: image id(s) %s", caption_file, len(ids) if count is None else count, what, shown)
 
 
 def load_hf(data_path: str, image_column: str = "image", text_column: str = "text", split: str | None = None):
@@ -142,11 +162,14 @@ def drop_empty_texts(dataset: datasets.Dataset, split: str) -> datasets.Dataset:
 
 
 def decode_error(value) -> str | None:
-    """None if the image decodes, else the reason it does not."""
+    """None if the image decodes, else the reason it does not. Only a regular file is opened: a FIFO
+    (named pipe) would block the open for ever, a device never end."""
     try:
         if value.get("bytes") is not None:
             image = Image.open(io.BytesIO(value["bytes"]))
         else:
+            if not stat.S_ISREG(os.stat(value["path"]).st_mode):
+                return "not a regular file (a folder, FIFO or device); name an image file"
             image = Image.open(value["path"])
         image.draft("RGB", (64, 64))  # JPEGs decode at reduced scale: a full check, 4-8x faster
         image.load()

@@ -13,12 +13,20 @@ long paid batch jobs: the description builder here and the evaluation's LLM judg
 - `run_pool(items, handle, concurrency, desc)`: the workers and progress bar of a batch job.
 - `JsonlCache`: a durable append-only JSONL file (fsync per record, torn last line detected and cut,
   an exclusive lock against a second writer), keyed by a tuple of record fields.
+- `ClientSettings`: how to reach and pace a server, the settings the builder and the judge share;
+  `client_arguments(prefix)` declares them as command-line flags (`--model` ..., `--judge_model` ...)
+  and `client_settings(args, prefix)` reads them back; `arg` is the flag helper of both CLIs.
 
-The API key comes from an environment variable and is sent only as the bearer token; `redact`
-strips it (and anything shaped like a key) from every message this module logs, raises or returns.
+The API key comes from an environment variable and is sent only as the bearer token. `redact(text,
+key)` is the one redaction function of the project: it strips the key in every form a server or a
+proxy may echo it back (plain, URL-encoded, base64 of the key or of its "Bearer" header, standard or
+URL-safe, padded or not, at any byte offset), and anything shaped like a key. The client applies it to
+every answer as it arrives and to every message it logs, raises or returns, and `JsonlCache` to every
+line before it is written.
 """
 
 import asyncio
+import base64
 import email.utils
 import fcntl
 import json
@@ -29,7 +37,8 @@ import re
 import time
 import urllib.parse
 from collections import Counter
-from dataclasses import dataclass, field
+from functools import lru_cache
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Callable
 
 import openai
@@ -42,8 +51,51 @@ FATAL_STATUS = {401: "authentication failed", 403: "permission denied", 404: "mo
 _KEYLIKE = re.compile(r"(\bsk-[A-Za-z0-9_\-*.]{4,}|Bearer\s+\S+)")
 
 
+REDACTED = "[redacted]"
+
+
 class FatalLLMError(RuntimeError):
     """An error that every further request would repeat (bad key, unknown model, wrong URL)."""
+
+
+class CacheInUseError(RuntimeError):
+    """A cache file is locked by another process (a second build or evaluation on the same output)."""
+
+
+def _base64_cores(secret: bytes) -> set[str]:
+    """The base64 characters that encode only `secret`'s own bytes, for each of the three byte offsets
+    it can start at inside a longer encoded text (standard and URL-safe alphabets): whatever the
+    surrounding bytes, an encoding that contains `secret` contains one of these."""
+    cores = set()
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + secret).decode().rstrip("=")
+        first = -(-offset * 8 // 6)  # the first character with no bit of the padding before
+        last = (offset + len(secret)) * 8 // 6  # characters before this hold no bit after the secret
+        core = encoded[first:last]
+        if len(core) >= 8:  # shorter runs would redact unrelated text
+            cores |= {core, core.translate(str.maketrans("+/", "-_"))}
+    return cores
+
+
+@lru_cache(maxsize=8)
+def _secret_pattern(secret: str) -> re.Pattern:
+    forms = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}
+    for text in (secret, f"Bearer {secret}"):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            encoded = encode(text.encode()).decode()
+            forms |= {encoded, encoded.rstrip("=")}
+    forms |= _base64_cores(secret.encode())
+    # Longest first, so a whole encoding is replaced before the core inside it.
+    return re.compile("|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True) if f))
+
+
+def redact(text: str, secret: str | None = None) -> str:
+    """`text` with `secret` (an API key) replaced by "[redacted]" in its plain, URL-encoded and base64
+    forms (of the key and of "Bearer KEY"; standard and URL-safe; with or without padding; at any
+    offset inside a longer base64 text), and anything shaped like a key ("sk-...", "Bearer ...") too."""
+    if secret:
+        text = _secret_pattern(secret).sub(REDACTED, text)
+    return _KEYLIKE.sub(REDACTED, text)
 
 
 @dataclass
@@ -94,6 +146,46 @@ class _ItemError(Exception):
     """Not retryable and specific to this request (400, 422): the item fails, the run goes on."""
 
 
+def arg(default=None, help=None, **kwargs):
+    """A dataclass field that HfArgumentParser turns into a flag: its default and --help text, and any
+    argparse extras (choices, metavar)."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class ClientSettings:
+    """How to reach and pace an OpenAI-compatible server: the settings the description builder and
+    the evaluation's judge share (`LLMClient`'s arguments)."""
+
+    model: str | None = arg(help="model name as the server knows it (the paper: gpt-4o)")
+    base_url: str | None = arg(help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)")
+    api_key_env: str = arg("OPENAI_API_KEY", "environment variable holding the API key")
+    concurrency: int = arg(8, "requests in flight at once")
+    timeout: float = arg(60.0, "seconds before a request counts as failed (and is retried)")
+    max_attempts: int = arg(6, "HTTP requests per item at most, retries and re-asks included")
+    backoff_base: float = arg(1.0, "first retry waits about this many seconds, doubling after")
+    backoff_max: float = arg(60.0, "longest wait between retries (Retry-After aside)")
+
+    def client(self, flag_prefix: str = "", max_attempts: int | None = None, concurrency: int | None = None) -> "LLMClient":
+        """A client with these settings; `flag_prefix` names the flags its errors point to (--judge_model ...)."""
+        return LLMClient(self.model, self.base_url, self.api_key_env, concurrency or self.concurrency, self.timeout,
+                         max_attempts or self.max_attempts, self.backoff_base, self.backoff_max, flag_prefix=flag_prefix)
+
+
+def client_arguments(prefix: str, group: str, **defaults) -> type:
+    """`ClientSettings` as an HfArgumentParser dataclass whose flags are `--{prefix}{name}` (in an
+    argument group named `group`), with `defaults` replacing the shared ones."""
+    specs = []
+    for f in fields(ClientSettings):
+        specs.append((prefix + f.name, f.type, arg(defaults.get(f.name, f.default), f.metadata["help"])))
+    return make_dataclass(f"{prefix.strip('_').title()}ClientArguments", specs, namespace={"_argument_group_name": group})
+
+
+def client_settings(args, prefix: str = "") -> dict:
+    """The `ClientSettings` fields of a parsed namespace whose flags `client_arguments(prefix)` declared."""
+    return {f.name: getattr(args, prefix + f.name) for f in fields(ClientSettings)}
+
+
 def safe_url(url: str | None) -> str | None:
     """`url` without user name or password, fit for logs and reports."""
     if not url:
@@ -114,18 +206,19 @@ class LLMClient:
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
         max_retry_after: float = 300.0,
+        flag_prefix: str = "",
     ):
         if concurrency < 1 or max_attempts < 1 or timeout <= 0:
             raise ValueError("concurrency and max_attempts must be >= 1 and timeout > 0")
         self._key = os.environ.get(api_key_env) or None
         if self._key is None and base_url is None and not os.environ.get("OPENAI_BASE_URL"):
             raise ValueError(
-                f"no API key: set the environment variable {api_key_env} (or name another one with --api_key_env), "
-                "or pass --base_url for a local server that needs none"
+                f"no API key: set the environment variable {api_key_env} (or name another one with --{flag_prefix}api_key_env), "
+                f"or pass --{flag_prefix}base_url for a local server that needs none"
             )
         if self._key is None:
             logger.info("no API key in $%s: sending a placeholder (fine for local servers)", api_key_env)
-        self.model, self.api_key_env = model, api_key_env
+        self.model, self.api_key_env, self.flag_prefix = model, api_key_env, flag_prefix
         self.timeout, self.max_attempts = timeout, max_attempts
         self.backoff_base, self.backoff_max, self.max_retry_after = backoff_base, backoff_max, max_retry_after
         self.usage = Usage()
@@ -142,9 +235,7 @@ class LLMClient:
         await self._client.close()
 
     def redact(self, text: str) -> str:
-        if self._key:
-            text = text.replace(self._key, "[redacted]")
-        return _KEYLIKE.sub("[redacted]", text)
+        return redact(text, self._key)
 
     async def complete(
         self,
@@ -223,7 +314,7 @@ class LLMClient:
                 if self._unreachable >= self.max_unreachable:
                     raise FatalLLMError(
                         f"server unreachable at {self.base_url}: {self._unreachable} connection errors in a row "
-                        f"({self.redact(str(err))}); check --base_url and that the server is running"
+                        f"({self.redact(str(err))}); check --{self.flag_prefix}base_url and that the server is running"
                     ) from None
                 raise _Transient("connection", self.redact(str(err))) from None
             except openai.APIStatusError as err:
@@ -231,17 +322,23 @@ class LLMClient:
                 status, detail = err.status_code, self.redact(f"HTTP {err.status_code}: {err.message}")[:300]
                 usage.errors[str(status)] += 1
                 if status in FATAL_STATUS:
-                    hint = f"check the key in ${self.api_key_env}" if status in (401, 403) else f"check --model {self.model!r} and --base_url"
+                    hint = (f"check the key in ${self.api_key_env}" if status in (401, 403)
+                            else f"check --{self.flag_prefix}model {self.model!r} and --{self.flag_prefix}base_url")
                     raise FatalLLMError(f"{FATAL_STATUS[status]} ({detail}); {hint}") from None
                 if status in RETRYABLE_STATUS or status >= 500:
                     raise _Transient(str(status), detail, _retry_after(err.response.headers)) from None
                 raise _ItemError(f"bad_request: {detail}") from None
-            except (json.JSONDecodeError, openai.APIResponseValidationError) as err:  # a body that is not JSON
+            except (json.JSONDecodeError, UnicodeDecodeError, openai.APIResponseValidationError) as err:
+                # A body that is not JSON (json.loads reads a leading NUL byte as UTF-16 and raises UnicodeDecodeError).
+                self._unreachable = 0
                 usage.errors["malformed"] += 1
-                raise _Transient("malformed", f"unreadable response body ({type(err).__name__})") from None
+                raise _Transient("malformed", self._not_json(_body_of(err))) from None
         self._unreachable = 0
+        if isinstance(response, str):  # a body that is not JSON, under a content type that is not JSON either
+            usage.errors["malformed"] += 1
+            raise _Transient("malformed", self._not_json(response.encode()))
         choices = getattr(response, "choices", None)
-        if isinstance(response, str) or not choices or choices[0].message is None or choices[0].message.content is None:
+        if not choices or choices[0].message is None or choices[0].message.content is None:
             usage.errors["malformed"] += 1
             raise _Transient("malformed", "response without choices[0].message.content")
         if response.usage is None:
@@ -249,7 +346,12 @@ class LLMClient:
         else:
             usage.prompt_tokens += response.usage.prompt_tokens or 0
             usage.completion_tokens += response.usage.completion_tokens or 0
-        return choices[0].message.content, choices[0].finish_reason
+        # Redacted on arrival: a server that echoes the key back cannot get it into a re-ask, a log or a file.
+        return self.redact(choices[0].message.content), choices[0].finish_reason
+
+    def _not_json(self, body: bytes | None) -> str:
+        first = "unknown" if body is None else repr(body[:60])
+        return self.redact(f"the server at {self.base_url} answered something that is not JSON: first bytes {first}")
 
     async def _backoff(self, retry: int, retry_after: float | None) -> None:
         """Exponential backoff with jitter; a server's Retry-After wins and pauses every request."""
@@ -259,6 +361,16 @@ class LLMClient:
         else:
             delay = min(self.backoff_max, self.backoff_base * 2 ** (retry - 1)) * random.uniform(0.5, 1.0)
         await asyncio.sleep(delay)
+
+
+def _body_of(err: Exception) -> bytes | None:
+    """The raw body behind a JSON decoding error, as far as the error keeps it."""
+    if isinstance(err, UnicodeDecodeError):
+        return bytes(err.object)
+    if isinstance(err, json.JSONDecodeError):
+        return err.doc.encode() if isinstance(err.doc, str) else bytes(err.doc)
+    response = getattr(err, "response", None)
+    return getattr(response, "content", None)
 
 
 def _retry_after(headers) -> float | None:
@@ -274,6 +386,19 @@ def _retry_after(headers) -> float | None:
             return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+def count_failures(reasons: list[str]) -> str:
+    """Failure reasons ("code: detail") counted by code, most frequent first, each with its first
+    detail: "4 retries_exhausted (last 500) [2 attempts, last 500: HTTP 500: ...]; 1 too_long [...]".
+    A retried error counts under its last kind."""
+    groups: dict[str, list[str]] = {}
+    for reason in reasons:
+        code, _, detail = reason.partition(": ")
+        if code == "retries_exhausted" and (last := re.search(r"\blast (\S+?):", detail)):
+            code = f"{code} (last {last.group(1)})"
+        groups.setdefault(code, []).append(detail)
+    return "; ".join(f"{len(details)} {code} [{details[0][:160]}]" for code, details in sorted(groups.items(), key=lambda g: -len(g[1])))
 
 
 async def run_pool(items: list, handle: Callable, concurrency: int, desc: str, unit: str = "item") -> None:
@@ -372,11 +497,12 @@ class JsonlCache:
     """Append-only JSONL records keyed by `tuple(record[f] for f in key_fields)`; the last record of a
     key wins. `append` returns only after the line is on disk (flush + fsync), so a record that is
     there after a crash was complete. Opening cuts a torn last line (a write cut off by a kill) and
-    skips, with a warning, any other line that does not parse. One writer at a time (flock).
+    skips, with a warning, any other line that does not parse. One writer at a time (flock; a second
+    one gets `CacheInUseError`). `secret` (the API key) is redacted from every line before it is written.
     """
 
-    def __init__(self, path: str, key_fields: tuple[str, ...]):
-        self.path, self.key_fields = path, tuple(key_fields)
+    def __init__(self, path: str, key_fields: tuple[str, ...], secret: str | None = None):
+        self.path, self.key_fields, self.secret = path, tuple(key_fields), secret
         self.records: dict[tuple, dict] = {}
         self.torn_bytes = 0
         self.bad_lines = 0
@@ -387,8 +513,8 @@ class JsonlCache:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._file.close()
-            raise RuntimeError(f"{path} is in use by another process (another build writing the same cache?); "
-                               "wait for it or use another --output") from None
+            raise CacheInUseError(f"{path} is in use by another process (another build or evaluation writing the same "
+                                  "cache?); wait for it to finish or use another --output") from None
         if new:  # make the new file's directory entry durable too
             fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
             try:
@@ -438,7 +564,9 @@ class JsonlCache:
 
     def append(self, record: dict) -> None:
         key = self.key(record)
-        self._file.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        line = redact(json.dumps(record, ensure_ascii=False), self.secret)
+        record = json.loads(line)  # what is kept is what the file says
+        self._file.write((line + "\n").encode())
         self._file.flush()
         os.fsync(self._file.fileno())
         self.records[key] = record

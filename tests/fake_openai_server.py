@@ -9,21 +9,40 @@ item (and style) plays the next action of its list; the last action repeats.
 Actions: "ok", "429" (with Retry-After), "500", "503", "hang" (answer only after `hang_seconds`,
 past the client's timeout), "malformed" (HTTP 200 with a body that is not JSON), "empty_choices",
 "short" / "long" (well-formed answers outside the word range), "list" (a bulleted answer),
-"401" (echoes the bearer token in the error body, as some servers do), "raw:TEXT" (TEXT as the
-answer). `refuse_formats` ({"json_schema": 500}) answers requests whose response_format has such a
-type with that status, as llama.cpp's server does, before any action is played. Every request is logged with its item, style, action,
-arrival time, Authorization header,
-body and (for answers) the usage it reported.
+"401" (echoes the bearer token in the error body, as some servers do), "400" (a request the server
+refuses), "empty" (HTTP 200 with an empty answer), "not_json" (HTTP 200, application/json, with bytes
+that are not JSON: `NOT_JSON`, an error page behind a NUL byte), "raw:TEXT" (TEXT as the answer; in it
+`{auth:FORM}` and `{key:FORM}` become the request's Authorization header or its bare token, encoded as
+FORM: plain, b64, b64nopad, b64url, b64urlnopad or url, as servers that echo credentials do).
+`refuse_formats` ({"json_schema": 500}) answers requests whose response_format has such a type with
+that status, as llama.cpp's server does, before any action is played. Every request is logged with
+its item, style, action, arrival time, Authorization header, body and (for answers) the usage it
+reported.
 """
 
+import base64
 import json
 import re
 import threading
+import urllib.parse
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 RANGE = re.compile(r"between (\d+) and (\d+) words")
 ITEM = re.compile(r"\bimg(\d+)\b")
+ECHO = re.compile(r"\{(auth|key):(plain|b64|b64nopad|b64url|b64urlnopad|url)\}")
+# json.loads(bytes) reads a leading NUL byte as UTF-16 and fails on the odd last byte, 0x3e (">").
+NOT_JSON = b"\x00<html><body>502 Bad Gateway.</body></html>"
+
+
+def encode(text: str, form: str) -> str:
+    """`text` as a server may echo it: plain, base64 (standard or URL-safe, with or without padding) or URL-encoded."""
+    if form == "plain":
+        return text
+    if form == "url":
+        return urllib.parse.quote(text, safe="")
+    encoded = (base64.urlsafe_b64encode if form.startswith("b64url") else base64.b64encode)(text.encode()).decode()
+    return encoded.rstrip("=") if form.endswith("nopad") else encoded
 
 
 def child_text(n_words: int) -> str:
@@ -130,6 +149,10 @@ class FakeOpenAIServer:
                 if action == "401":
                     token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
                     return self._send(401, {"error": {"message": f"Incorrect API key provided: {token}", "code": "invalid_api_key"}})
+                if action == "400":
+                    return self._send(400, {"error": {"message": "this request is not valid", "type": "invalid_request_error"}})
+                if action == "not_json":
+                    return self._send_raw(200, NOT_JSON, "application/json")
                 if action == "malformed":
                     return self._send_raw(200, b'{"id": "x", "choices": [', "application/json")
                 if action == "empty_choices":
@@ -139,10 +162,12 @@ class FakeOpenAIServer:
                     action = "ok"
                 answer = {
                     "ok": child_text((lo + hi) // 2), "short": child_text(max(3, lo - 10)), "long": child_text(hi + 10),
-                    "list": "- a dog\n- a ball\n- a boy\n" + child_text(lo),
+                    "list": "- a dog\n- a ball\n- a boy\n" + child_text(lo), "empty": "",
                 }.get(action)
                 if answer is None:
-                    answer = action.removeprefix("raw:")
+                    auth = self.headers.get("Authorization") or ""
+                    echoed = {"auth": auth, "key": auth.removeprefix("Bearer ")}
+                    answer = ECHO.sub(lambda m: encode(echoed[m.group(1)], m.group(2)), action.removeprefix("raw:"))
                 prompt_tokens = len(text.split())
                 entry["usage"] = (prompt_tokens, len(answer.split()))
                 self._send(200, {

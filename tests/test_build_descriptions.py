@@ -3,6 +3,7 @@ retries and re-asks down to the request, the cache across SIGKILL, the key kept 
 loading into train.py, and the client's JSON mode for the judge."""
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,10 @@ from fake_openai_server import FakeOpenAIServer, child_text
 from PIL import Image
 
 from processing import data
-from processing.build_descriptions import main, reading_grade, split_of, validate_description
-from processing.llm_client import JsonlCache, LLMClient, json_schema_format, json_validator
+from processing.build_descriptions import main, parse_args, reading_grade, split_of, validate_description
+from processing.llm_client import (
+    ClientSettings, JsonlCache, LLMClient, client_settings, count_failures, json_schema_format, json_validator, redact,
+)
 from processing.prompts import PROMPT_VERSION, Prompts, load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,6 +277,58 @@ def test_api_key_is_sent_but_never_logged_or_written(tmp_path, monkeypatch, capl
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="set the environment variable OPENAI_API_KEY"):
         LLMClient("gpt-4o")
+
+
+def test_more_failures_than_max_failed_fraction_exit_1_and_the_accepted_items_are_saved(tmp_path, caplog):
+    write_coco(tmp_path, 4)
+    with FakeOpenAIServer(script={"3": ["400"]}) as server:
+        status, report = build(server, tmp_path, "--style", "short")  # 1 of 4 failed: within the default 0.5
+        assert status == 0 and report["exit_status"] == 0 and "failure_summary" not in report
+        with caplog.at_level(logging.ERROR):
+            status, report = build(server, tmp_path, "--style", "short", "--max_failed_fraction", "0.2")
+    assert status == 1 and report["exit_status"] == 1 and report["splits"]["train"] + report["splits"].get("validation", 0) == 3
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert line.startswith("build_descriptions: 1 of 4 items failed (--max_failed_fraction allows 0.2): 1 bad_request [HTTP 400: ")
+    assert report["failure_summary"] in line and str(tmp_path / "out" / "cache.jsonl") in line
+    with pytest.raises(SystemExit):
+        main(["--caption_file", "x", "--image_dir", "y", "--max_failed_fraction", "1.5"])
+
+
+def test_failures_are_counted_by_reason_and_a_retried_error_by_its_last_kind():
+    reasons = ["retries_exhausted: 2 attempts, last 500: HTTP 500: server error", "too_long: it has 35 words",
+               "retries_exhausted: 2 attempts, last timeout: no answer within 1s", "retries_exhausted: 2 attempts, last 500: HTTP 500: x"]
+    assert count_failures(reasons) == (
+        "2 retries_exhausted (last 500) [2 attempts, last 500: HTTP 500: server error]; 1 too_long [it has 35 words]; "
+        "1 retries_exhausted (last timeout) [2 attempts, last timeout: no answer within 1s]")
+
+
+@pytest.mark.parametrize("secret", ["sk-proj-Very5ecretKey0123456789", "sk-test+Very/Secret=Key?~>-0123456789", "plain-key-without-prefix-1234"])
+def test_redact_finds_a_key_in_every_encoding_at_every_offset(secret):
+    texts = [secret, f"Bearer {secret}", urllib.parse.quote(secret, safe=""), urllib.parse.quote(f"Bearer {secret}", safe="")]
+    for prefix in ("", "x", "xy", '{"authorization": "Bearer '):  # base64 of a longer text puts the key at any byte offset
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            encoded = encode(f"{prefix}{secret}\"}}".encode()).decode()
+            texts += [encoded, encoded.rstrip("=")]
+    for text in texts:
+        cleaned = redact(f"before {text} after", secret)
+        assert "[redacted]" in cleaned and cleaned.startswith("before ") and cleaned.endswith(" after"), text
+        assert text not in cleaned and secret not in cleaned, text
+    assert redact("I see a big dog.", secret) == "I see a big dog." and redact("abc", None) == "abc"
+
+
+def test_the_builder_and_the_judge_take_their_server_flags_from_one_settings_class(monkeypatch):
+    from evaluation.cli import parse_args as evaluation_args
+    from evaluation.judge import JudgeSettings
+
+    builder = client_settings(parse_args(["--caption_file", "c", "--image_dir", "i", "--timeout", "5"]))
+    assert builder == {**vars(ClientSettings()), "model": "gpt-4o", "timeout": 5.0}
+    parsed = evaluation_args(["--model", "m", "--dataset", "scenes", "--output", "o", "--judge_model", "j", "--judge_backoff_max", "2"])
+    judge = JudgeSettings(**client_settings(parsed, "judge_"))
+    assert (judge.model, judge.concurrency, judge.timeout, judge.backoff_max) == ("j", 4, 120.0, 2.0)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(ValueError, match="name another one with --judge_api_key_env.*or pass --judge_base_url"):
+        judge.client()  # its errors name the judge's flags
 
 
 # --- the client's JSON mode, for the judge --------------------------------------------------------------

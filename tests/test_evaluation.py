@@ -2,6 +2,7 @@
 OpenAI-compatible server, the `evaluate` modules offline, train.py's --eval_metrics, and
 `python -m evaluation` end to end on a tiny model (report.json, report.md and samples.png agree)."""
 
+import base64
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from evaluation import caption_metrics
 from evaluation.caption_metrics import CiderD, caption_scores, tokenize
 from evaluation.cli import main as evaluate_main
 from evaluation.grounding import grounding_scores
-from evaluation.judge import CRITERIA, PREFIX_WORDS, SCHEMA, JudgeSettings, judge, mean_ci95, split_prompt
+from evaluation.judge import CRITERIA, PREFIX_WORDS, SCHEMA, JudgeError, JudgeSettings, judge, mean_ci95, split_prompt
 from evaluation.novelty import RougeNovelty, distinct_n, novelty_scores
 from evaluation.report import format_value, parse_markdown_metrics
 from processing import scenes
@@ -207,6 +208,24 @@ def test_judge_falls_back_to_the_json_mode_a_server_accepts(tmp_path, monkeypatc
     assert [r["action"] for r in server.log].count("refused") == 1 and server.log[0]["action"] == "refused"
     assert all(r["body"]["response_format"] == {"type": "json_object", "schema": SCHEMA} for r in server.log[1:])
     assert len(server.log) == 4 and result["summary"]["t"]["average"]["mean"] == 7  # refused + probe + 2 grades
+
+
+def test_a_judge_that_grades_nothing_raises_and_its_cache_keeps_no_key(tmp_path, monkeypatch):
+    secret = "sk-judge+Secret/Key=0123456789"
+    monkeypatch.setenv("NANOVLM_TEST_KEY", secret)
+    echo = 'raw:{"grammar": 7, "note": "{auth:b64} {key:url} {key:b64urlnopad}"}'  # invalid, and it echoes the key
+    cache = tmp_path / "judge.jsonl"
+    with FakeOpenAIServer(script={"1": [echo], "2": ["500"]}) as server:
+        with pytest.raises(JudgeError, match=r"graded none of the 2 texts: ") as refused:
+            judge({"t": [("img1 I see", "a dog."), ("img2 I see", "a cat.")]},
+                  fast_settings(server.url, max_attempts=2, max_reasks=0, api_key_env="NANOVLM_TEST_KEY"), str(cache))
+    assert "1 retries_exhausted (last 500) [" in str(refused.value) and "1 schema [" in str(refused.value)
+    assert {r["auth"] for r in server.log} == {f"Bearer {secret}"}
+    written = cache.read_text()
+    assert written.count('"failed"') == 2 and "[redacted]" in written
+    for form in (secret, "sk-judge%2BSecret%2FKey%3D0123456789", base64.b64encode(f"Bearer {secret}".encode()).decode(),
+                 base64.urlsafe_b64encode(secret.encode()).decode().rstrip("=")):
+        assert form not in written
 
 
 # --- evaluate modules ------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the one before."""
 
 import argparse
 import json
+import os
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments
@@ -11,6 +12,8 @@ from transformers import HfArgumentParser, TrainingArguments
 from modeling_nanovlm import NanoVLMConfig
 
 from .launch import launch_defaults
+
+MAX_VOCAB = 2**31 - 1  # the tokenizer library takes a machine-sized integer; a tokenizer never holds more tokens than its texts give
 
 # What `python train.py` does without arguments; any flag given on the command line wins.
 DEFAULTS = {
@@ -121,6 +124,12 @@ class DataArguments:
 class NanoVLMTrainingArguments(TrainingArguments):
     """transformers' TrainingArguments, plus the output-folder rule and self-critical fine-tuning."""
 
+    resume_with_fresh_state: bool = field(
+        default=False,
+        metadata={"help": "resume from a checkpoint that lacks optimizer.pt, scheduler.pt or rng_state.pth with fresh ones "
+                  "(training then differs from the run it continues); without it --resume_from_checkpoint PATH refuses such "
+                  "a checkpoint and latest passes over it"},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "train into an output folder that already holds files (the earlier run's checkpoints and "
@@ -148,7 +157,17 @@ class NanoVLMTrainingArguments(TrainingArguments):
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: NanoVLMTrainingArguments) -> None:
-    """Refuse flags that do not go together, before anything is loaded."""
+    """Refuse flags the parser cannot judge (a value out of range, flags that do not go together) before anything is
+    loaded or written: each refusal names the flag, the value and what would work."""
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise ValueError(f"--max_steps must be at least 1 (or -1: train --num_train_epochs epochs), got {training_args.max_steps}")
+    if not 0 < data_args.validation_fraction < 1:
+        raise ValueError(f"--validation_fraction is the share of the data held out for validation: it must be between 0 and 1 "
+                         f"(both excluded), got {data_args.validation_fraction}")
+    if not 260 <= model_args.vocab_size <= MAX_VOCAB:  # 256 bytes + 4 special tokens (processing.tokenizer)
+        raise ValueError(f"--vocab_size must be between 260 and {MAX_VOCAB:,} (the tokenizer stops at the tokens its training "
+                         f"texts give), got {model_args.vocab_size}")
+    check_output_dir(training_args.output_dir)
     if data_args.eval_metrics not in (None, "grounding", "cider"):
         raise ValueError(f"--eval_metrics must be grounding or cider, got {data_args.eval_metrics!r}")
     if data_args.eval_metrics == "grounding" and data_args.dataset != "scenes":
@@ -159,6 +178,16 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
                          f"training (got {weights}): pass --self_critical_samples too, or leave them at 0")
     if min(weights.values()) < 0:
         raise ValueError(f"--self_critical_caption_weight and --self_critical_distinct_weight must be 0 or more, got {weights}")
+
+
+def check_output_dir(path: str) -> None:
+    """--output_dir must be a folder or a path where one can be made: refuse one that is (or lies under) a file."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is" if existing == os.path.abspath(path) else f"lies under {existing}, which is"
+        raise ValueError(f"--output_dir {path} {what} a file, not a folder: name a folder (new or one of a run) for the model")
 
 
 def read_recipe(path: str) -> dict:

@@ -42,9 +42,10 @@ def train_in_stages(argv: list[str], then: dict, train_once) -> None:
     finished first stage (its metrics.json written) is not run again and each stage resumes from its own
     newest checkpoint; metrics.json sums both stages' wall time and samples. `train_once(model_args, data_args,
     training_args)` trains one stage."""
-    from .arguments import parse_args  # arguments reads recipes' flags: imported here, not at the top
+    from .arguments import check_arguments, parse_args  # arguments reads recipes' flags: imported here, not at the top
 
     training_args = parse_args(argv)[2]
+    check_arguments(*parse_args([*argv, *flag_list(then)]))  # the second stage's flags, before the first stage trains
     out = training_args.output_dir
     first = os.path.join(out, FIRST_STAGE)
     resuming = asks_to_resume(training_args.resume_from_checkpoint)
