@@ -38,6 +38,8 @@ HEADLINE = [
     ("1.36x the peer's CIDEr-D", ["photos_peer_recipe9.json"], "cider_d_ratio", "{:.2f}x".format),
     ("validation loss 0.645 against 0.699", ["allocation_mini_scenes.json"], ("summary/0/final.eval_loss", "summary/3/final.eval_loss"),
      lambda split30, split84: f"{split30:.3f} against {split84:.3f}"),
+    ("split (30% encoder)", ["allocation_mini_scenes.json"], "summary/0/target_share", "{:.0%}".format),
+    ("0.699 at 84%", ["allocation_mini_scenes.json"], "summary/3/share", "{:.0%}".format),
     ("a step costs 1.36x", ["allocation_mini_scenes_step_times.json"], "rows/0/over_preset", "{:.2f}x".format),
     ("mini 5.04M, base 14.59M, large 25.41M", ["sizes.json"],
      ("presets/mini/total", "presets/base/total", "presets/large/total"),
@@ -94,6 +96,14 @@ def test_readme_headline_figure_matches_its_results_file(written, files, keys, f
     else:
         expected = fmt(*values)
     assert expected in written, f"README says {written!r}; {', '.join(files)} give {expected}"
+
+
+def test_every_headline_number_is_checked():
+    """A number written into the headline figures without a row in HEADLINE would go unchecked."""
+    checked = " ".join(row[0] for row in HEADLINE)
+    numbers = re.findall(r"(?<![\w.,])\d+(?:\.\d+%?|%)", headline_section())
+    unchecked = sorted({n for n in numbers if n not in checked})
+    assert not unchecked, f"README's headline figures state {unchecked} with no row in HEADLINE: add one with its results file"
 
 
 def _leaves(value):
