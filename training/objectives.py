@@ -56,7 +56,7 @@ class GroundingObjective(Objective):
 
     Why: a caption names an object in two or three of ~25 tokens and reaches the image tower only through the
     decoder; this gives each picture one target per visual token, straight into the tower. It is what made the
-    default run see: docs/experiments.md, "What makes it see" (recipes 8-10, `results/see_*.json`)."""
+    default run see: docs/experiments/scenes.md (recipes 8-10, `results/see_*.json`)."""
 
     name = "grounding"
 
@@ -85,7 +85,7 @@ class WordsObjective(Objective):
     multi-label BCE summed over the vocabulary, divided by the number of target words (a loss per named word).
 
     Why: a photo's five captions name its content; the tower learns to see it without waiting for the decoder.
-    Measured: recipe 4 against recipe 3 (docs/experiments.md, "The table"; `results/photos_levers.json`)."""
+    Measured: recipe 4 against recipe 3 (docs/experiments/photos.md; `results/photos_levers.json`)."""
 
     name = "words"
 
@@ -139,7 +139,7 @@ class MaskedImageObjective(Objective):
     a visible patch see the edge of a masked neighbour.
 
     Why: a signal for the tower from the photos themselves. Measured: recipe 17 against recipe 9
-    (docs/experiments.md, "Masked-image modelling"; `results/eval_flickr8k_17_mim.json`)."""
+    (docs/experiments/photos.md; `results/eval_flickr8k_17_mim.json`)."""
 
     name = "mim"
 
