@@ -112,7 +112,12 @@ class NanoVLMAttention(nn.Module):
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, past + T, hs)
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, past + T, hs); a static cache: (B, nh, max_cache_len, hs)
+            if attention_mask is None and T > 1 and k.shape[2] > T:
+                # Only the prefill of an empty static cache gets here (create_causal_mask skips its plain causal mask, as
+                # for sdpa's upper-left is_causal): its first T slots are the keys, the rest are unwritten. Transformers'
+                # sdpa_attention_forward drops them the same way.
+                k, v = k[:, :, :T], v[:, :, :T]
         # A mask, when given, already holds causality; without one a causal layer needs is_causal when
         # queries and keys line up (no cache, or a cache that was empty). A plain bool without a cache, so that
         # torch.export with a dynamic length can trace it.
