@@ -112,7 +112,12 @@ class NanoVLMAttention(nn.Module):
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, past + T, hs)
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, past + T, hs); a static cache: (B, nh, max_cache_len, hs)
+            if attention_mask is None and T > 1 and k.shape[2] > T:
+                # Only the prefill of an empty static cache gets here (create_causal_mask skips its plain causal mask, as
+                # for sdpa's upper-left is_causal): its first T slots are the keys, the rest are unwritten. Transformers'
+                # sdpa_attention_forward drops them the same way.
+                k, v = k[:, :, :T], v[:, :, :T]
         # A mask, when given, already holds causality; without one a causal layer needs is_causal when
         # queries and keys line up (no cache, or a cache that was empty). A plain bool without a cache, so that
         # torch.export with a dynamic length can trace it.
@@ -303,14 +308,25 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, with errors that name the folder: a local path that does not
-        exist, or damaged weights (a truncated model.safetensors)."""
+        exist, a folder without config.json, a config.json that does not match the weights (an edited or swapped
+        config; transformers' generic size-mismatch error would name neither), or damaged weights (a truncated
+        model.safetensors)."""
         name = os.fspath(pretrained_model_name_or_path)
         looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
         if looks_local and not os.path.isdir(os.path.expanduser(name)):
             raise OSError(f"{name}: no such folder; pass a folder written by save_pretrained or a Hub repo id (org/name)")
+        folder = os.path.join(os.path.expanduser(name), kwargs.get("subfolder") or "")
+        if kwargs.get("config") is None and os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
+            # transformers would build a default config and fail on (or, for a matching size, silently load) the weights
+            raise OSError(
+                f"{name}: the config (config.json) is missing from the folder, and the weights cannot be read without the "
+                "config saved with them: copy that config.json next to the weights, or pass config=NanoVLMConfig(...)"
+            )
         wants_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         try:
-            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                  ignore_mismatched_sizes=True, **kwargs)
         except Exception as err:
             if type(err).__name__ != "SafetensorError":  # safetensors' error class, not imported: Hub code imports torch/transformers only
                 raise
@@ -318,6 +334,15 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
                 f"{name}: the weights (model.safetensors) could not be read ({err}); the file is damaged or incomplete: "
                 "save or download the model again"
             ) from None
+        mismatched = info.get("mismatched_keys") or ()  # (key, checkpoint shape, model shape) each
+        if mismatched and not ignore_mismatched:
+            order = {key: i for i, key in enumerate(model.state_dict())}
+            key, saved, expected = min(mismatched, key=lambda item: order.get(item[0], len(order)))
+            raise OSError(
+                f"{name}: config.json does not match the weights: {key} is {tuple(saved)} in the checkpoint but "
+                f"{tuple(expected)} under the config ({len(mismatched)} tensor(s) differ); the config was edited or comes "
+                "from another model: restore the config.json saved with these weights"
+            )
         missing = sorted(set(info["missing_keys"]) - set(cls._tied_weights_keys or {}))
         if missing:  # a NanoVLM save holds every weight: anything missing would run as random numbers
             raise OSError(
@@ -378,6 +403,16 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
                 f"pixel_values must have shape (batch, {c}, {s}, {s}), got {tuple(pixel_values.shape)}; "
                 "prepare images with NanoVLMProcessor"
             )
+        # A NaN or inf pixel makes every logit NaN, and generate() would return a caption of padding tokens (a blank
+        # string) rather than an error. One sum per forward (at prefill only, in generate()): a NaN or inf makes it
+        # non-finite, and on the CPU it is many times cheaper than isfinite(...).all(); only then are the images named.
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values.sum(dtype=torch.float32))):
+            bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
+            if bad:  # (none when only the sum overflowed: finite pixels of absurd size, left to the model)
+                raise ValueError(
+                    f"pixel_values of image(s) {bad} (in the batch) hold NaN or infinite values; check how they were "
+                    "made (a division by a zero std, an image read as float), or prepare images with NanoVLMProcessor"
+                )
 
     def _check_input_ids(self, input_ids):
         if torch.compiler.is_compiling():  # a data-dependent branch: torch.export / compile cannot trace it

@@ -88,6 +88,29 @@ class NanoVLMProcessor(ProcessorMixin):
                 "convert it with `python -m modeling_nanovlm.convert_nanovlm_checkpoint FOLDER OUTPUT`"
             )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`ProcessorMixin.from_pretrained`; a local folder must hold the files `save_pretrained` writes, else an
+        error naming the folder and the file (without tokenizer_config.json the tokenizer would load with no
+        `<pad>`/`<bos>`, and fail or mis-tokenize later)."""
+        name = os.fspath(pretrained_model_name_or_path)
+        folder = os.path.join(os.path.expanduser(name), kwargs.get("subfolder") or "")
+        if os.path.isdir(folder):
+            needed = {
+                "tokenizer.json": "the tokenizer's vocabulary and merges",
+                "tokenizer_config.json": "the tokenizer's special tokens",
+                "processor_config.json": "the image processor's settings",
+            }
+            if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):  # an older save's image processor file
+                needed.pop("processor_config.json")
+            for file, holds in needed.items():
+                if not os.path.isfile(os.path.join(folder, file)):
+                    raise OSError(
+                        f"{name}: {file} ({holds}) is missing from the folder; copy it from where the processor was "
+                        "saved (NanoVLMProcessor.save_pretrained writes it), or save the processor there again"
+                    )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def image_prompt_ids(self, text: list[str], **kwargs) -> list[list[int]]:
         """Token ids of each text behind `num_image_tokens` `<image>` tokens: `<image>... <bos> text`."""
         if not self.num_image_tokens:
@@ -98,6 +121,11 @@ class NanoVLMProcessor(ProcessorMixin):
     def __call__(self, images=None, text=None, return_tensors="pt", padding=True, **kwargs) -> BatchFeature:
         if images is None and text is None:
             raise ValueError("NanoVLMProcessor needs images, text or both; got neither")
+        texts = [text] if isinstance(text, str) else text if isinstance(text, (list, tuple)) else None
+        if text is not None and (texts is None or not all(isinstance(t, str) for t in texts)):
+            bad = text if texts is None else next(t for t in texts if not isinstance(t, str))
+            raise ValueError(f"text must be a string or a list of strings (one prompt per image; \"\" for a plain caption), "
+                             f"got {type(bad).__name__} {bad!r:.40}")
         data = {}
         if images is not None:
             single = not isinstance(images, (list, tuple))

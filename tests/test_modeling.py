@@ -243,6 +243,24 @@ def test_cached_uncached_and_static_cache_greedy_agree(tester, processor, images
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch", ["one image", "unpadded batch", "left-padded batch"])
+def test_static_cache_gives_the_dynamic_caches_tokens_and_scores(tester, processor, images, implementation, batch):
+    """A static cache's prefill has no mask to build when nothing is padded (transformers' sdpa skip): its unwritten
+    slots and the later prompt tokens must stay unseen all the same, at every step, whatever the kernel."""
+    model = tester.get_model()
+    model.set_attn_implementation(implementation)
+    texts = {"one image": [""], "unpadded batch": ["I see", "I see"], "left-padded batch": ["I see a big", ""]}[batch]
+    inputs = processor(images=images[: len(texts)], text=texts)
+    assert bool((inputs["attention_mask"] == 0).any()) == (batch == "left-padded batch")
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    dynamic = model.generate(**inputs, **kwargs)
+    static = model.generate(**inputs, cache_implementation="static", **kwargs)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for step, (got, expected) in enumerate(zip(static.scores, dynamic.scores, strict=True)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=lambda m, step=step: f"step {step}: {m}")
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_forward_in_chunks_over_a_cache_gives_the_full_forwards_logits(tester, processor, images, implementation):
     """Several new tokens after cached ones need a causal mask; one new token, or none cached, needs none."""
     model = tester.get_model()
