@@ -46,7 +46,7 @@ from evaluation.novelty import novelty_scores
 from evaluation.report import GRID_NAME, write_report
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor
 from processing import data, scenes
-from processing.llm_client import CacheInUseError, FatalLLMError, arg, client_arguments, client_settings, redact, safe_url
+from llm.client import CacheInUseError, FatalLLMError, arg, client_arguments, client_settings, redact, safe_url
 
 logger = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ Structured output: `response_format` "json_schema" where the server supports it;
 json_schema, then llama.cpp's JSON mode with a schema (a grammar constrains decoding), then plain
 JSON mode, then none, one request each, and keeps the first the server accepts (llama.cpp's server
 answers 500 to json_schema). Every answer is parsed and range-checked against the schema whatever
-the mode, and re-asked at most `max_reasks` times. Requests go through `processing.llm_client`
+the mode, and re-asked at most `max_reasks` times. Requests go through `llm.client`
 (the description builder's client: bounded concurrency, retries with backoff, Retry-After, key
 redaction), and every graded text is cached in a JSONL file keyed by (judge model, prompt version,
 hash of the text), so a rerun or a repeated text asks nothing again. The key is redacted, in every
-encoding, from each record before it is written (`processing.llm_client.redact`).
+encoding, from each record before it is written (`llm.client.redact`).
 
 A judge that grades nothing is an error, never a summary of zero grades: `JudgeError` when the
 server answers no probe, or when every text failed (the reasons counted in its message).
@@ -32,7 +32,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from processing.llm_client import ClientSettings, JsonlCache, LLMClient, count_failures, json_schema_format, json_validator, run_pool
+from llm.client import ClientSettings, JsonlCache, LLMClient, count_failures, json_schema_format, json_validator, run_pool
 
 logger = logging.getLogger(__name__)
 

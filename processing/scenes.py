@@ -45,7 +45,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
-from processing.prompts import WORD_RANGES  # the paper's ShortDesc / LongDesc lengths
+from processing.styles import WORD_RANGES  # the paper's ShortDesc / LongDesc lengths
 
 KINDS = ("ball", "box", "star", "tree", "house", "flower", "fish", "car", "heart")
 PLURALS = {"ball": "balls", "box": "boxes", "star": "stars", "tree": "trees", "house": "houses",

@@ -22,7 +22,7 @@ from PIL import Image
 import train
 from evaluation import cli as evaluation_cli
 from modeling_nanovlm import NanoVLMForConditionalGeneration
-from processing import build_descriptions
+from descriptions import build as build_descriptions
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -32,7 +32,7 @@ def env(**extra) -> dict:
 
 
 def builder(root: Path, url: str, *extra: str, out: str = "out") -> list[str]:
-    return [sys.executable, "-m", "processing.build_descriptions", "--caption_file", str(root / "captions.json"),
+    return [sys.executable, "-m", "descriptions.build", "--caption_file", str(root / "captions.json"),
             "--image_dir", str(root / "images"), "--base_url", url, "--output", str(root / out), *FAST, *extra]
 
 
@@ -140,7 +140,7 @@ def test_a_second_builder_on_the_same_output_stops_with_the_locks_message(tmp_pa
             first.wait(timeout=30)
     assert second.returncode == 1 and "Traceback" not in second.stderr
     (line,) = lines_with(second.stderr, "in use by another process")
-    assert line.startswith("build_descriptions: error: ") and "cache.jsonl" in line and "--output" in line
+    assert line.startswith("descriptions.build: error: ") and "cache.jsonl" in line and "--output" in line
     assert not (tmp_path / "out" / "report.json").exists()  # the second wrote nothing
 
 

@@ -19,11 +19,11 @@ from fake_openai_server import FakeOpenAIServer, child_text
 from PIL import Image
 
 from processing import data
-from processing.build_descriptions import main, parse_args, reading_grade, split_of, validate_description
-from processing.llm_client import (
+from descriptions.build import main, parse_args, reading_grade, split_of, validate_description
+from llm.client import (
     ClientSettings, JsonlCache, LLMClient, client_settings, count_failures, json_schema_format, json_validator, redact,
 )
-from processing.prompts import PROMPT_VERSION, Prompts, load_prompts
+from descriptions.prompts import PROMPT_VERSION, Prompts, load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "fake", "--timeout", "2", "--backoff_base", "0.01", "--backoff_max", "0.05"]
@@ -216,7 +216,7 @@ def test_sigkill_then_rerun_requests_nothing_that_was_cached(tmp_path, caplog):
     write_coco(tmp_path, 30)
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "processing.build_descriptions", "--caption_file", str(tmp_path / "captions.json"),
+        sys.executable, "-m", "descriptions.build", "--caption_file", str(tmp_path / "captions.json"),
         "--image_dir", str(tmp_path / "images"), "--style", "short", "--output", str(out), "--concurrency", "2", *FAST,
     ]
     with FakeOpenAIServer(latency=0.1) as server:
@@ -288,7 +288,7 @@ def test_more_failures_than_max_failed_fraction_exit_1_and_the_accepted_items_ar
             status, report = build(server, tmp_path, "--style", "short", "--max_failed_fraction", "0.2")
     assert status == 1 and report["exit_status"] == 1 and report["splits"]["train"] + report["splits"].get("validation", 0) == 3
     (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert line.startswith("build_descriptions: 1 of 4 items failed (--max_failed_fraction allows 0.2): 1 bad_request [HTTP 400: ")
+    assert line.startswith("descriptions.build: 1 of 4 items failed (--max_failed_fraction allows 0.2): 1 bad_request [HTTP 400: ")
     assert report["failure_summary"] in line and str(tmp_path / "out" / "cache.jsonl") in line
     with pytest.raises(SystemExit):
         main(["--caption_file", "x", "--image_dir", "y", "--max_failed_fraction", "1.5"])

@@ -18,7 +18,7 @@ from conftest import free_port
 from llm_server import MODEL_NAME, serve
 from PIL import Image
 
-from processing.build_descriptions import main, validate_description
+from descriptions.build import main, validate_description
 
 ROOT = Path(__file__).resolve().parents[1]
 FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"

@@ -11,10 +11,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-PROMPT_VERSION = "childdesc-v1"
+from processing.styles import WORD_RANGES
 
-# The paper: ShortDesc 20-25 words, LongDesc 60-70 words, in the words of a 3-4 year old.
-WORD_RANGES = {"short": (20, 25), "long": (60, 70)}
+PROMPT_VERSION = "childdesc-v1"
 
 SYSTEM = (
     "You describe pictures the way a 3 to 4 year old child talks: short sentences, simple everyday words "

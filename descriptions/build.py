@@ -2,9 +2,9 @@
 OpenAI-compatible server), which writes one description in the words of a 3-4 year old.
 
     export OPENAI_API_KEY=...            # never logged; --api_key_env NAME reads another variable
-    python -m processing.build_descriptions --caption_file ../shared/data/flickr8k/captions_train.json \\
+    python -m descriptions.build --caption_file ../shared/data/flickr8k/captions_train.json \\
         --image_dir ../shared/data/flickr8k/images --style both --model gpt-4o --output outputs/desc
-    python -m processing.build_descriptions ... --base_url http://127.0.0.1:8000/v1 --model local \\
+    python -m descriptions.build ... --base_url http://127.0.0.1:8000/v1 --model local \\
         --merge_system                   # a local server (vLLM, llama.cpp, Ollama); no key needed
     python train.py --dataset hf --data_path outputs/desc/dataset ...
 
@@ -50,11 +50,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import HfArgumentParser
 
 from processing.data import BadImages, decode_error, load_coco_captions
-from processing.llm_client import (
+from llm.client import (
     CacheInUseError, ClientSettings, FatalLLMError, JsonlCache, LLMClient, arg, client_arguments, client_settings, count_failures,
     run_pool, safe_url,
 )
-from processing.prompts import Prompts, load_prompts
+from descriptions.prompts import Prompts, load_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ class BuilderArguments:
     max_tokens: int | None = arg(help="answer length cap (default: 3 x the style's top word count + 50)")
     stop: list[str] | None = arg(help="stop sequence(s); escapes allowed (--stop '\\n' ends a base model's answer at its first line)")
     max_grade: float = arg(3.0, "highest Flesch-Kincaid grade accepted (the simple-language check)")
-    prompts: str | None = arg(help="JSON file overriding the built-in prompts (see processing/prompts.py)")
+    prompts: str | None = arg(help="JSON file overriding the built-in prompts (see descriptions/prompts.py)")
     merge_system: bool = arg(False, "send the system prompt inside the user message (for chat templates that drop system "
                               "messages, e.g. llama.cpp's gemma)")
     validation_fraction: float = arg(0.1, "share of images in the validation split")
@@ -400,7 +400,7 @@ def main(argv=None) -> int:
         {k: report["tokens"]["this_run"][k] for k in ("prompt_tokens", "completion_tokens")} if client else "none", args.output,
     )
     if "failure_summary" in report:
-        logger.error("build_descriptions: %s", report["failure_summary"])
+        logger.error("descriptions.build: %s", report["failure_summary"])
     return status
 
 
@@ -408,4 +408,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except (ValueError, FileNotFoundError, CacheInUseError) as err:  # a refused input: its message says what to do
-        sys.exit(f"build_descriptions: error: {err}")
+        sys.exit(f"descriptions.build: error: {err}")
