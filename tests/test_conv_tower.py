@@ -213,10 +213,14 @@ def test_allocation_sweep_scales_the_conv_towers_channels():
     assert splits[0]["vision_conv_channels"][-1] < splits[1]["vision_conv_channels"][-1]
 
 
-def test_model_card_names_the_conv_tower(conv_dir):
+def test_model_card_says_which_tower(conv_dir, tester, processor, tmp_path):
     path, _, _ = conv_dir
     card = model_card(path)
     assert "vision encoder: convolutional" in card and "2x2 grid" in card and "patches" not in card
+    tester.get_model().save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    card = model_card(tmp_path)
+    assert "vision encoder: ViT" in card and "8x8 patches" in card and "convolutional" not in card
 
 
 # --- train.py ---------------------------------------------------------------------------------
