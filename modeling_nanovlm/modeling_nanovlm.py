@@ -400,7 +400,7 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
             # The conv tower's convs (marked by it with `init_gain`; init is per module, as its parents hold no
             # weights of their own): He init for GELU as for ReLU, where the default 0.02 is far too small for a 3x3 conv
             # on a few channels, times the gain (1/sqrt(blocks) on each block's last conv, so the residual stream's
-            # variance stays flat at init, as the ViT's residual projections are scaled).
+            # variance stays flat at init, as in GPT-2's scheme).
             fan_in = module.weight[0].numel()
             init.normal_(module.weight, std=module.init_gain * (2 / fan_in) ** 0.5)
         elif isinstance(module, NanoVLMBlock):
