@@ -78,12 +78,14 @@ DEFAULTS = {
 @dataclass
 class ModelArguments:
     preset: str = field(default="mini-112", metadata={"help": "the paper's mini, base or large, or ours: mini-112, base-112, "
-                                                              "large-112, or the decoder-heavy mini-112-dec, base-112-dec"})
+                                                              "large-112, the decoder-heavy mini-112-dec, base-112-dec, or "
+                                                              "mini-112-conv (a convolutional image tower)"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "start from a saved NanoVLM folder"})
     vision_feature_select: str | None = field(default=None, metadata={"help": "visual tokens: cls, pooled or all (default: the preset's)"})
     image_size: int | None = field(default=None, metadata={"help": "input resolution (default: the preset's)"})
     config_overrides: str | None = field(
-        default=None, metadata={"help": "comma-separated config fields, e.g. 'hidden_dropout=0.0,vision_pool_size=4'"}
+        default=None, metadata={"help": "comma-separated config fields, e.g. 'hidden_dropout=0.0,vision_pool_size=4'; lists '/'-separated, e.g. "
+                  "'vision_tower_type=conv,vision_conv_channels=24/48/96/160'"}
     )
     tokenizer: str | None = field(default=None, metadata={"help": "folder with a saved tokenizer; else one is trained"})
     vocab_size: int = field(default=25000, metadata={"help": "BPE vocabulary size when training a tokenizer"})
@@ -450,6 +452,8 @@ def parse_config_overrides(text: str | None) -> dict:
                 overrides[key] = value.lower() == "true"
             elif isinstance(default, (int, float)):
                 overrides[key] = type(default)(value)
+            elif isinstance(default, list):  # per-stage lists, '/'-separated: vision_conv_channels=32/64/128/240
+                overrides[key] = [int(v) for v in value.split("/")]
             elif value.lower() in ("none", "null"):
                 overrides[key] = None
             else:
@@ -502,7 +506,7 @@ def token_grid(config: NanoVLMConfig) -> int:
     """Side of the square map of visual tokens the decoder reads (the [CLS] token aside)."""
     if config.vision_feature_select == "cls":
         raise ValueError("--aux_grounding_weight needs a map of visual tokens: use --vision_feature_select pooled or all")
-    return config.vision_pool_size if config.vision_feature_select == "pooled" else config.image_size // config.patch_size
+    return config.vision_pool_size if config.vision_feature_select == "pooled" else config.vision_grid
 
 
 def grounding_loss(model, image_tokens, targets):
@@ -777,6 +781,9 @@ def trainer_setup(model, data_args: DataArguments, collator: NanoVLMCollator, tr
         torch.nn.init.constant_(model.aux_words_head[1].bias, -math.log(len(vocabulary) / 10))
         aux_losses["words"] = (data_args.aux_words_weight, words_loss)
     if data_args.aux_mim_weight > 0:
+        if model.config.vision_tower_type != "vit":
+            raise ValueError("--aux_mim_weight masks the ViT tower's patches: it needs vision_tower_type='vit' (this model's "
+                             f"is {model.config.vision_tower_type!r}); pass --aux_mim_weight 0")
         model.aux_mim_head = MaskedImageHead(model.config, data_args.aux_mim_mask_ratio)
         aux_losses["mim"] = (data_args.aux_mim_weight, mim_loss)
     if not aux_losses:
