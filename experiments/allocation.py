@@ -1,15 +1,25 @@
 """Where should the parameters go? Split a fixed parameter budget between the vision encoder and the
 decoder in several ways, train each split the same way, and tabulate what each model sees.
 
+<<<<<<< HEAD:experiments/allocation.py
     python -m experiments.allocation --budget mini --seeds 0 1 --output results/allocation_mini_scenes.json
     python -m experiments.allocation --budget base --output results/allocation_base_scenes.json
     python -m experiments.allocation --budget mini --data photos --output results/allocation_mini_photos.json
     python -m experiments.allocation --budget mini --dry_run     # only print the configurations
+=======
+    python -m benchmarks.allocation --budget mini --seeds 0 1 --output results/allocation_mini_scenes.json
+    python -m benchmarks.allocation --budget base --output results/allocation_base_scenes.json
+    python -m benchmarks.allocation --budget mini --data photos --output results/allocation_mini_photos.json
+    python -m benchmarks.allocation --budget mini --dry_run     # only print the configurations
+    python -m benchmarks.allocation --budget mini-conv --data photos --dry_run   # mini-112-conv's total, conv tower
+>>>>>>> main:benchmarks/allocation.py
 
 The budget is a preset's total (mini-112: ~2.6M on the scenes, base-112: ~11M) with the data's own tokenizer,
 which is trained once and shared by every run. Each split keeps the preset's depths (vision layers, decoder
 layers) and chooses the vision width and the decoder width (multiples of 8, 8 heads each) whose encoder share
-(vision tower / all parameters) is nearest the target and whose total is within 2% of the budget.
+(vision tower / all parameters) is nearest the target and whose total is within 2% of the budget. With the
+convolutional tower (`--budget mini-conv`) the vision width is its last stage's channels, the earlier stages
+scaled in proportion (`vision_overrides`).
 
 Every run is a recipe of train.py flags (the default recipe's choices: its learning rate, batch, schedule,
 auxiliary loss; for photos the photo recipe's) run through `experiments.make_it_see`, so each run has its own
@@ -38,7 +48,7 @@ import training
 logger = logging.getLogger(__name__)
 
 SHARES = (0.30, 0.50, 0.70, 0.85)
-BUDGET_PRESETS = {"mini": "mini-112", "base": "base-112"}
+BUDGET_PRESETS = {"mini": "mini-112", "base": "base-112", "mini-conv": "mini-112-conv"}
 WIDTHS = range(32, 1025, 8)
 TOTAL_TOLERANCE = 0.02
 FLICKR8K = "../shared/data/flickr8k"
@@ -57,7 +67,8 @@ PHOTOS_VOCAB = 4000
 
 @dataclass
 class AllocationArguments:
-    budget: str = field(default="mini", metadata={"help": "mini (mini-112's total, ~2.6M on the scenes) or base (base-112's, ~11M)"})
+    budget: str = field(default="mini", metadata={"help": "mini (mini-112's total, ~2.6M on the scenes), base (base-112's, ~11M) "
+                                                          "or mini-conv (mini-112-conv's, the convolutional tower)"})
     data: str = field(default="scenes", metadata={"help": "scenes (the built-in scenes) or photos (Flickr8k in ../shared)"})
     shares: list[float] = field(default_factory=lambda: list(SHARES), metadata={"help": "encoder shares to train"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "one run per share and seed"})
@@ -72,15 +83,40 @@ class AllocationArguments:
     step_rounds: int = field(default=3, metadata={"help": "--step_times: rounds over the configurations; each keeps its fastest step"})
 
 
+def vision_overrides(preset: str, vision_width: int) -> dict:
+    """The config fields that give the preset's vision tower the width `vision_width`: `vision_hidden_size` for the
+    ViT; for the conv tower `vision_conv_channels`, the preset's stages scaled so the last has `vision_width` channels
+    (each a multiple of `vision_conv_groups`, at least one group)."""
+    config = NanoVLMConfig.from_preset(preset)
+    if config.vision_tower_type != "conv":
+        return {"vision_hidden_size": vision_width}
+    groups, last = config.vision_conv_groups, config.vision_conv_channels[-1]
+    channels = [max(groups, round(c * vision_width / last / groups) * groups) for c in config.vision_conv_channels[:-1]]
+    return {"vision_conv_channels": [*channels, vision_width]}
+
+
+def overrides_text(overrides: dict) -> str:
+    """train.py's --config_overrides for config fields (lists '/'-separated)."""
+    return ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in overrides.items())
+
+
+def vision_label(split: dict) -> str:
+    """A split's vision width for tables: the ViT's width, or the conv tower's channels per stage."""
+    if "vision_conv_channels" in split:
+        return "/".join(map(str, split["vision_conv_channels"]))
+    return str(split["vision_hidden_size"])
+
+
 def allocate(preset: str, vocab_size: int, shares) -> tuple[int, list[dict]]:
     """The preset's total (the budget) and, for each share, the (vision width, decoder width) at the preset's
     depths whose encoder share is nearest it with the total within TOTAL_TOLERANCE of the budget.
 
     The vision tower's size depends on the vision width alone and the decoder's on the decoder width alone;
-    the projector is one Linear(vision width -> decoder width). So each side is counted once per width and
-    the grid is searched by sums; the chosen configurations are counted again whole."""
+    the projector is one Linear(vision width -> decoder width) (the conv tower's width: its last stage's channels).
+    So each side is counted once per width and the grid is searched by sums; the chosen configurations are counted
+    again whole."""
     def build(vision_width, width):
-        return NanoVLMConfig.from_preset(preset, vocab_size=vocab_size, vision_hidden_size=vision_width, hidden_size=width)
+        return NanoVLMConfig.from_preset(preset, vocab_size=vocab_size, **vision_overrides(preset, vision_width), hidden_size=width)
 
     budget = part_sizes(NanoVLMConfig.from_preset(preset, vocab_size=vocab_size))["total"]
     vision = {w: part_sizes(build(w, WIDTHS[0]))["vision"] for w in WIDTHS}
@@ -97,9 +133,14 @@ def allocate(preset: str, vocab_size: int, shares) -> tuple[int, list[dict]]:
     for target in shares:
         _, _, vision_width, width = min(candidates, key=lambda c: (round(abs(c[0] - target), 3), abs(c[1] - budget)))
         counts = part_sizes(build(vision_width, width))
-        chosen.append({"target_share": target, "vision_hidden_size": vision_width, "hidden_size": width, **counts,
+        chosen.append({"target_share": target, **vision_overrides(preset, vision_width), "hidden_size": width, **counts,
                        "share": counts["vision"] / counts["total"]})
     return budget, chosen
+
+
+def split_overrides(split: dict) -> dict:
+    """The config fields of a split: its vision width field and its decoder width."""
+    return {k: split[k] for k in ("vision_hidden_size", "vision_conv_channels", "hidden_size") if k in split}
 
 
 def shared_tokenizer(data: str, folder: str, num_train_examples: int) -> int:
@@ -131,10 +172,10 @@ def write_recipes(args: AllocationArguments, preset: str, splits: list[dict], to
             name = f"{args.budget}-{args.data}-share{round(split['target_share'] * 100)}-seed{seed}"
             recipe = {
                 "_name": name,
-                "_change": f"encoder share {split['share']:.1%} (vision width {split['vision_hidden_size']}, "
+                "_change": f"encoder share {split['share']:.1%} (vision width {vision_label(split)}, "
                            f"decoder width {split['hidden_size']}), seed {seed}",
                 **base, "preset": preset, "tokenizer": tokenizer_dir, "seed": seed,
-                "config_overrides": f"vision_hidden_size={split['vision_hidden_size']},hidden_size={split['hidden_size']}",
+                "config_overrides": overrides_text(split_overrides(split)),
             }
             recipe.update({key: value for key in ("num_validation_examples", "eval_steps") if (value := getattr(args, key))})
             if args.data == "scenes":
@@ -178,7 +219,7 @@ def markdown(summary: list[dict], data: str, budget: int, samples: int) -> str:
               "wall time", *(name for name, _, _ in cols)]
     rows = []
     for s in summary:
-        cells = [f"{s['share']:.1%}", str(s["vision_hidden_size"]), str(s["hidden_size"]),
+        cells = [f"{s['share']:.1%}", vision_label(s), str(s["hidden_size"]),
                  f"{s['vision'] / 1e6:.2f}M / {s['projector'] / 1e6:.2f}M / {s['decoder'] / 1e6:.2f}M",
                  f"{s['total'] / 1e6:.2f}M", str(s["seeds_finished"]),
                  "-" if s["wall_minutes"] is None else f"{s['wall_minutes']:.1f} min"]
@@ -233,7 +274,7 @@ def step_times(args: AllocationArguments, preset: str, vocab_size: int, budget: 
     batch = fixed_batch(processor, batch_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    configs = {f"{s['share']:.1%}": dict(vision_hidden_size=s["vision_hidden_size"], hidden_size=s["hidden_size"]) for s in splits}
+    configs = {f"{s['share']:.1%}": split_overrides(s) for s in splits}
     configs[preset] = {}
     best = {name: float("inf") for name in configs}
     try:
@@ -262,7 +303,7 @@ def step_times(args: AllocationArguments, preset: str, vocab_size: int, budget: 
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     print(markdown_table(("encoder share", "vision / decoder width", f"seconds a step of {batch_size}", f"over {preset}"),
-                         [(r["config"], f"{r.get('vision_hidden_size', '-')} / {r.get('hidden_size', '-')}",
+                         [(r["config"], f"{vision_label(r) if 'hidden_size' in r else '-'} / {r.get('hidden_size', '-')}",
                            f"{r['step_seconds']:.3f}", f"{r['over_preset']:.2f}x") for r in rows]))
     return report
 
@@ -281,8 +322,8 @@ def main(argv=None):
     budget, splits = allocate(preset, vocab_size, args.shares)
     logger.info("budget %s with a %d-token vocabulary: %s parameters", preset, vocab_size, f"{budget:,}")
     for s in splits:
-        logger.info("share %.0f%%: vision width %d, decoder width %d -> %.1f%% of %s", s["target_share"] * 100,
-                    s["vision_hidden_size"], s["hidden_size"], s["share"] * 100, f"{s['total']:,}")
+        logger.info("share %.0f%%: vision width %s, decoder width %d -> %.1f%% of %s", s["target_share"] * 100,
+                    vision_label(s), s["hidden_size"], s["share"] * 100, f"{s['total']:,}")
     if args.dry_run:
         return
     if args.step_times:

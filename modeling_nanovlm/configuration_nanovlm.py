@@ -47,7 +47,19 @@ SEEING_PRESETS |= {
     "base-112-dec": dict(SEEING_PRESETS["base-112"], vision_hidden_size=304, hidden_size=280),
 }
 
+# A residual convolutional image tower in place of the ViT, at about the same totals (`vision_tower_type="conv"`,
+# docs/architecture.md "The convolutional tower"): mini-112's 112x112 images and decoder, four stages from 28x28
+# to 4x4, the decoder reading the 4x4 grid of visual tokens and their mean.
+SEEING_PRESETS |= {
+    # 5.00M: vision 2.10M, projector 0.02M, decoder 2.88M (2.40M of it the embedding); mini-112: 4.98M
+    "mini-112-conv": dict(
+        SEEING_PRESETS["mini-112"], vision_tower_type="conv", vision_conv_channels=[32, 64, 128, 240],
+        vision_conv_blocks=[1, 1, 2, 1], vision_conv_grid=4,
+    ),
+}
+
 VISION_FEATURE_SELECTS = ("cls", "pooled", "all")
+VISION_TOWER_TYPES = ("vit", "conv")
 VISION_STEMS = ("patch", "conv")
 
 AUTO_MAP = {  # AutoModel gives the model people use (the captioner), as remote-code VLMs on the Hub do
@@ -66,13 +78,30 @@ CUSTOM_PIPELINES = {
 
 class NanoVLMConfig(PreTrainedConfig):
     r"""
-    Configuration of a NanoVLM: a ViT-style image encoder with a conv stem, a Linear+GELU projector
-    and a small causal decoder. The processor writes `num_image_tokens` `<image>` tokens
+    Configuration of a NanoVLM: an image encoder (a ViT-style one with a conv stem, or a residual
+    convolutional network), a Linear+GELU projector and a small causal decoder. The processor writes `num_image_tokens` `<image>` tokens
     (`image_token_id`) before the text; the model puts the projected image features in their place,
     as LLaVA does.
 
     Build one from a preset with `NanoVLMConfig.from_preset("base", vocab_size=...)`.
 
+    vision_tower_type:
+        `"vit"` (the paper's: a conv stem, then transformer blocks over 16x16 patches and a [CLS] token; the
+        `vision_hidden_size`, `vision_num_*`, `patch_size` and `vision_stem*` fields) or `"conv"`: a residual
+        convolutional network (the `vision_conv_*` fields) whose last feature map is average-pooled to a
+        `vision_conv_grid` x `vision_conv_grid` grid of visual tokens, after one token that is the mean of the
+        whole map: the same layout as the ViT's [CLS] and patch tokens, so `vision_feature_select` reads it
+        the same way (`"cls"`: the mean, `"pooled"`: the grid pooled to `vision_pool_size`, `"all"`: both).
+    vision_conv_channels, vision_conv_blocks:
+        The conv tower's stages: widths and residual blocks (two 3x3 convs each) per stage, as lists of the same
+        length. A stem of two 3x3 stride-2 convs takes the image to 1/4 of its side at the first stage's width;
+        each later stage starts with a 3x3 stride-2 conv that halves the side (112 -> 28 -> 14 -> 7 -> 4 for four
+        stages). Normalisation is GroupNorm (`vision_conv_groups` groups): per image, so batch 1, any batch
+        and DDP give the same features, and there are no running statistics.
+    vision_conv_groups:
+        GroupNorm's groups; every width in `vision_conv_channels` must be a multiple of it.
+    vision_conv_grid:
+        Side of the conv tower's grid of visual tokens (at most the last feature map's side).
     vision_feature_select:
         Which encoder outputs the decoder sees: `"cls"` (the paper: one token from [CLS]),
         `"pooled"` (a `vision_pool_size` x `vision_pool_size` average-pooled grid of patch tokens) or
@@ -129,6 +158,11 @@ class NanoVLMConfig(PreTrainedConfig):
         vision_stem="patch",
         vision_feature_select="cls",
         vision_pool_size=7,
+        vision_tower_type="vit",
+        vision_conv_channels=(32, 64, 128, 256),
+        vision_conv_blocks=(1, 1, 2, 1),
+        vision_conv_groups=8,
+        vision_conv_grid=4,
         preset=None,
         **kwargs,
     ):
@@ -156,6 +190,12 @@ class NanoVLMConfig(PreTrainedConfig):
         self.vision_stem = vision_stem
         self.vision_feature_select = vision_feature_select
         self.vision_pool_size = vision_pool_size
+        self.vision_tower_type = vision_tower_type
+        # lists, as config.json gives them back
+        self.vision_conv_channels = list(vision_conv_channels) if isinstance(vision_conv_channels, (list, tuple)) else vision_conv_channels
+        self.vision_conv_blocks = list(vision_conv_blocks) if isinstance(vision_conv_blocks, (list, tuple)) else vision_conv_blocks
+        self.vision_conv_groups = vision_conv_groups
+        self.vision_conv_grid = vision_conv_grid
         self.preset = preset
         # What `trust_remote_code=True` loads from a saved folder or Hub repo: the Auto classes and
         # the "image-to-text" pipeline (transformers 5.2x otherwise redirects that task to
@@ -174,15 +214,37 @@ class NanoVLMConfig(PreTrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "NanoVLMConfig":
         """A config for one of the paper's presets (`mini`, `base`, `large`) or ours (`mini-112`,
-        `base-112`, `large-112`, and the decoder-heavy `mini-112-dec`, `base-112-dec`), with field overrides."""
+        `base-112`, `large-112`, the decoder-heavy `mini-112-dec`, `base-112-dec`, and `mini-112-conv` with the
+        convolutional image tower), with field overrides."""
         presets = {**PRESETS, **SEEING_PRESETS}
         if name not in presets:
             raise ValueError(f"preset must be one of {sorted(presets)}, got {name!r}")
         return cls(**{**presets[name], "preset": name, **overrides})
 
     @property
+    def vision_grid(self) -> int:
+        """Side of the vision tower's square map of tokens (after its [CLS] or mean token): the patch grid of the
+        ViT, `vision_conv_grid` for the conv tower."""
+        return self.vision_conv_grid if self.vision_tower_type == "conv" else self.image_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        """Tokens in the vision tower's map (the ViT's patches; the conv tower's grid cells)."""
+        return self.vision_grid**2
+
+    @property
+    def vision_feature_size(self) -> int:
+        """Width of the vision tower's output tokens, the projector's input: `vision_hidden_size` for the ViT,
+        the last stage's channels for the conv tower."""
+        return self.vision_conv_channels[-1] if self.vision_tower_type == "conv" else self.vision_hidden_size
+
+    def conv_feature_map_size(self, image_size: int | None = None) -> int:
+        """Side of the conv tower's last feature map for a square image (`image_size` by default): the stem's two
+        stride-2 convs, then one per stage after the first, each giving ceil(side / 2)."""
+        side = image_size or self.image_size
+        for _ in range(1 + len(self.vision_conv_channels)):
+            side = (side + 1) // 2
+        return side
 
     @property
     def num_image_tokens(self) -> int:
@@ -225,13 +287,46 @@ class NanoVLMConfig(PreTrainedConfig):
             raise ValueError(
                 f"vision_feature_select must be one of {VISION_FEATURE_SELECTS}, got {self.vision_feature_select!r}"
             )
-        grid = self.image_size // self.patch_size
-        if self.vision_pool_size > grid:
-            raise ValueError(f"vision_pool_size ({self.vision_pool_size}) must be at most the patch grid ({grid})")
+        if self.vision_tower_type not in VISION_TOWER_TYPES:
+            raise ValueError(f"vision_tower_type must be one of {VISION_TOWER_TYPES}, got {self.vision_tower_type!r}")
+        self._validate_conv_tower()
+        grid = self.vision_grid
+        # (the conv tower's default grid is smaller than the default pool size: checked there only when it pools)
+        if self.vision_pool_size > grid and (self.vision_tower_type == "vit" or self.vision_feature_select == "pooled"):
+            what = "vision_conv_grid" if self.vision_tower_type == "conv" else "patch grid"
+            raise ValueError(f"vision_pool_size ({self.vision_pool_size}) must be at most the {what} ({grid})")
         if not isinstance(self.image_token_id, int) or not 0 <= self.image_token_id < self.vocab_size:
             raise ValueError(f"image_token_id must be a token id below vocab_size ({self.vocab_size}), got {self.image_token_id!r}")
         if self.num_image_tokens >= self.max_position_embeddings:
             raise ValueError(
                 f"max_position_embeddings ({self.max_position_embeddings}) must exceed the "
                 f"{self.num_image_tokens} image tokens of vision_feature_select={self.vision_feature_select!r}"
+            )
+
+    def _validate_conv_tower(self):
+        """The `vision_conv_*` fields (checked whichever tower is chosen, so a saved config stays loadable as either)."""
+        for name in ("vision_conv_channels", "vision_conv_blocks"):
+            value = getattr(self, name)
+            low = 1 if name == "vision_conv_channels" else 0
+            if (not isinstance(value, list) or not value
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value)):
+                kind = "positive" if low else "non-negative"
+                raise ValueError(f"{name} must be a non-empty list of {kind} integers (one per stage), got {value!r}")
+        if len(self.vision_conv_channels) != len(self.vision_conv_blocks):
+            raise ValueError(f"vision_conv_blocks ({self.vision_conv_blocks}) must give one block count per stage of "
+                             f"vision_conv_channels ({self.vision_conv_channels})")
+        for name in ("vision_conv_groups", "vision_conv_grid"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        uneven = [c for c in self.vision_conv_channels if c % self.vision_conv_groups]
+        if uneven:
+            raise ValueError(f"vision_conv_channels ({self.vision_conv_channels}) must be multiples of vision_conv_groups "
+                             f"({self.vision_conv_groups}), GroupNorm's groups: {uneven} are not")
+        side = self.conv_feature_map_size()
+        if self.vision_tower_type == "conv" and self.vision_conv_grid > side:
+            raise ValueError(
+                f"vision_conv_grid ({self.vision_conv_grid}) must be at most the conv tower's last feature map side ({side} "
+                f"for {self.image_size}x{self.image_size} images and {len(self.vision_conv_channels)} stages): lower it, "
+                "or use fewer stages"
             )

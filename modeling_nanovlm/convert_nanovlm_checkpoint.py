@@ -9,6 +9,10 @@ token embedding (tied with the LM head) one row for it, the config its `image_to
 output). A prompt is now `<image>... <bos> text` at the positions the prefix and the text had, so the
 logits of the text positions and the generated tokens are the old ones (tested on a folder written by the
 old code). Other files of the folder (metrics, pictures, arguments) are copied as they are.
+
+Folders of that age all hold the ViT image tower (`vision_tower_type` came later and defaults to it); the
+conversion touches only the token embedding and builds the model from the folder's config, so a config that
+names either tower converts.
 """
 
 import shutil

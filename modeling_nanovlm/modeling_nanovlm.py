@@ -1,6 +1,6 @@
-"""NanoVLM model: conv-stem ViT encoder -> Linear+GELU projector -> causal decoder.
+"""NanoVLM model: conv-stem ViT encoder (or a residual conv network) -> Linear+GELU projector -> causal decoder.
 
-Reads top-down: attention, MLP and block (shared by both towers), the vision tower, the text
+Reads top-down: attention, MLP and block (shared by both towers), the vision towers, the text
 decoder, the base model that joins them, and the captioning head. As in LLaVA, `input_ids` hold
 `num_image_tokens` `<image>` tokens before the text; their embeddings are replaced by the projected
 image features, so the decoder's mask, positions and cache are the standard ones of transformers.
@@ -246,6 +246,70 @@ class NanoVLMVisionModel(nn.Module):
         return self.post_layernorm(hidden_states)
 
 
+class NanoVLMConvBlock(GradientCheckpointingLayer):
+    """Pre-activation residual block (He et al., 2016): x + conv(GELU(GN(conv(GELU(GN(x)))))), two 3x3 convs at
+    one width. GroupNorm normalises each image on its own: no batch statistics, so batch 1, any batch and DDP ranks
+    give the same features. Under `model.gradient_checkpointing_enable()` its activations are recomputed in the
+    backward pass."""
+
+    def __init__(self, channels: int, config: NanoVLMConfig):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(config.vision_conv_groups, channels, eps=config.layer_norm_eps)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(config.vision_conv_groups, channels, eps=config.layer_norm_eps)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+
+    def forward(self, hidden_states):
+        residual = self.conv1(F.gelu(self.norm1(hidden_states)))
+        return hidden_states + self.conv2(F.gelu(self.norm2(residual)))
+
+
+class NanoVLMConvVisionModel(nn.Module):
+    """The convolutional image tower (`vision_tower_type="conv"`); returns `(B, 1 + grid**2, channels[-1])`.
+
+    Stem: conv3x3/2 -> GN -> GELU -> conv3x3/2, the image at 1/4 of its side (112 -> 28). Stage i: (for i > 0)
+    GN -> GELU -> conv3x3/2 to the stage's width, halving the side, then its residual blocks. Then GN -> GELU,
+    and the map becomes tokens: its mean (where the ViT has [CLS]), then the map average-pooled to
+    `vision_conv_grid` x `vision_conv_grid` (adaptive: any input size gives that grid), a LayerNorm over
+    channels on each. The layout is the ViT tower's, so `vision_feature_select` and the projector read it alike.
+    """
+
+    def __init__(self, config: NanoVLMConfig):
+        super().__init__()
+        self.config = config
+        channels, groups, eps = config.vision_conv_channels, config.vision_conv_groups, config.layer_norm_eps
+        self.stem = nn.Sequential(
+            nn.Conv2d(config.num_channels, channels[0], 3, stride=2, padding=1, bias=False),
+            nn.GroupNorm(groups, channels[0], eps=eps), nn.GELU(),
+            nn.Conv2d(channels[0], channels[0], 3, stride=2, padding=1, bias=False),
+        )
+        self.stages = nn.ModuleList()
+        for i, (width, blocks) in enumerate(zip(channels, config.vision_conv_blocks)):
+            stage = nn.Sequential()
+            if i:  # halve the side, widen
+                stage.append(nn.Sequential(nn.GroupNorm(groups, channels[i - 1], eps=eps), nn.GELU(),
+                                           nn.Conv2d(channels[i - 1], width, 3, stride=2, padding=1, bias=False)))
+            stage.extend(NanoVLMConvBlock(width, config) for _ in range(blocks))
+            self.stages.append(stage)
+        self.final_norm = nn.GroupNorm(groups, channels[-1], eps=eps)
+        self.post_layernorm = nn.LayerNorm(channels[-1], eps=eps)
+        for conv in self.modules():  # what `_init_weights` reads
+            if isinstance(conv, nn.Conv2d):
+                conv.init_gain = 1.0
+        for block in self.modules():
+            if isinstance(block, NanoVLMConvBlock):
+                block.conv2.init_gain = max(1, sum(config.vision_conv_blocks)) ** -0.5
+
+    def forward(self, pixel_values):
+        hidden_states = self.stem(pixel_values)  # (B, c0, H/4, W/4)
+        for stage in self.stages:
+            hidden_states = stage(hidden_states)
+        hidden_states = F.gelu(self.final_norm(hidden_states))  # (B, c, h, w)
+        grid = F.adaptive_avg_pool2d(hidden_states, self.config.vision_conv_grid)  # (B, c, g, g)
+        tokens = torch.cat([hidden_states.mean((2, 3)).unsqueeze(1), grid.flatten(2).transpose(1, 2)], dim=1)
+        return self.post_layernorm(tokens)  # (B, 1 + g*g, c)
+
+
 # ---------------------------------------------------------------------------------------------
 # Text decoder
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +367,7 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True  # kernels registered with transformers' AttentionInterface
     supports_gradient_checkpointing = True
-    _no_split_modules = ["NanoVLMBlock"]
+    _no_split_modules = ["NanoVLMBlock", "NanoVLMConvBlock"]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -357,6 +421,13 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
         if isinstance(module, NanoVLMVisionEmbeddings):
             init.normal_(module.cls_token, std=std)
             init.normal_(module.position_embedding, std=std)
+        elif isinstance(module, nn.Conv2d) and hasattr(module, "init_gain"):
+            # The conv tower's convs (marked by it with `init_gain`; init is per module, as its parents hold no
+            # weights of their own): He init for GELU as for ReLU, where the default 0.02 is far too small for a 3x3 conv
+            # on a few channels, times the gain (1/sqrt(blocks) on each block's last conv, so the residual stream's
+            # variance stays flat at init, as in GPT-2's scheme).
+            fan_in = module.weight[0].numel()
+            init.normal_(module.weight, std=module.init_gain * (2 / fan_in) ** 0.5)
         elif isinstance(module, NanoVLMBlock):
             # GPT-2's scheme: residual projections scaled by 1/sqrt(2 * depth) keep the residual
             # stream's variance flat at init.
@@ -371,8 +442,8 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
 
     def __init__(self, config: NanoVLMConfig):
         super().__init__(config)
-        self.vision_tower = NanoVLMVisionModel(config)
-        self.multi_modal_projector = nn.Sequential(nn.Linear(config.vision_hidden_size, config.hidden_size), nn.GELU())
+        self.vision_tower = NanoVLMConvVisionModel(config) if config.vision_tower_type == "conv" else NanoVLMVisionModel(config)
+        self.multi_modal_projector = nn.Sequential(nn.Linear(config.vision_feature_size, config.hidden_size), nn.GELU())
         self.language_model = NanoVLMTextModel(config)
         self.post_init()
 
@@ -385,7 +456,7 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image features, `(B, config.num_image_tokens, hidden_size)`: what replaces the `<image>` tokens."""
         self._check_pixel_values(pixel_values)
-        hidden = self.vision_tower(pixel_values.to(self.dtype))  # (B, 1 + N, vision_hidden)
+        hidden = self.vision_tower(pixel_values.to(self.dtype))  # (B, 1 + N, vision_feature_size): [CLS] or mean, map
         select = self.config.vision_feature_select
         if select == "cls":
             hidden = hidden[:, :1]

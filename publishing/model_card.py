@@ -161,6 +161,25 @@ def eval_results(data: dict, metrics: dict, report: dict) -> list[EvalResult]:
             for key, (metric, name) in INDEXED.items() if isinstance(values.get(key), (int, float))]
 
 
+def vision_encoder_line(config) -> str:
+    """Which image tower the model has, and its shape: the ViT's stem, blocks and width, or the conv tower's stages."""
+    if getattr(config, "vision_tower_type", "vit") == "conv":
+        stages = ", ".join(f"{b}x{c}" for b, c in zip(config.vision_conv_blocks, config.vision_conv_channels))
+        return (f"vision encoder: convolutional (ResNet-style, GroupNorm), {len(config.vision_conv_channels)} stages of "
+                f"residual blocks (blocks x channels: {stages})")
+    return (f"vision encoder: ViT, {config.vision_stem} stem + {config.vision_num_hidden_layers} block(s) of width "
+            f"{config.vision_hidden_size}")
+
+
+def image_path(config) -> str:
+    """How the image becomes visual tokens, after "NxN images": the ViT's patches or the conv tower's grid."""
+    if getattr(config, "vision_tower_type", "vit") == "conv":
+        g = config.vision_conv_grid
+        return (f" through a convolutional tower, its last feature map average-pooled to a {g}x{g} grid of tokens "
+                "after their mean")
+    return f" in {config.patch_size}x{config.patch_size} patches (a ViT tower)"
+
+
 def write_model_card(folder: str | Path, repo_id: str = "ORG/NAME", license: str = "apache-2.0") -> Path:
     """Save the model card as `folder/README.md` (train.py does at the end of training; the push sends it)."""
     path = Path(folder) / "README.md"
@@ -190,8 +209,7 @@ def model_card(folder: str | Path, repo_id: str = "ORG/NAME", license: str = "ap
     )
     m = lambda n: f"{n / 1e6:.2f}M ({n:,})"  # noqa: E731
     parameters = [
-        (f"vision encoder: {config.vision_stem} stem + {config.vision_num_hidden_layers} block(s) of width {config.vision_hidden_size}",
-         m(counts["vision encoder"])),
+        (vision_encoder_line(config), m(counts["vision encoder"])),
         ("projector (Linear + GELU)", m(counts["projector"])),
         (f"decoder: {config.num_hidden_layers} layers of width {config.hidden_size}", m(counts["decoder"])),
         (f"of which the token embedding ({config.vocab_size:,} tokens, tied with the LM head)", m(counts["token embedding"])),
@@ -225,7 +243,7 @@ model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)  # the sa
         "## Evaluation",
         _evaluation(folder, metrics, report),
         "## Model",
-        f"{config.image_size}x{config.image_size} images in {config.patch_size}x{config.patch_size} patches; the decoder "
+        f"{config.image_size}x{config.image_size} images{image_path(config)}; the decoder "
         f"reads {config.num_image_tokens} visual token(s) (`vision_feature_select={config.vision_feature_select!r}`) "
         f"before the text, in a context of {config.max_position_embeddings} positions.\n\n"
         + _table(("part", "parameters"), parameters),

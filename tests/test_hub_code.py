@@ -183,12 +183,22 @@ def test_declared_newest_transformers_is_the_one_installed():
     assert tuple(map(int, oldest.split("."))) <= tuple(map(int, newest.split(".")))
 
 
-@pytest.mark.parametrize("transformers_version", ["installed", pytest.param("oldest declared", marks=pytest.mark.slow)])
+TRANSFORMERS_VERSIONS = ["installed", pytest.param("oldest declared", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("transformers_version", TRANSFORMERS_VERSIONS)
 def test_fresh_process_loads_remote_code_and_gets_same_tokens(trained_dir, processor, tmp_path, transformers_version, request):
     """The folder's own code, in a process that cannot import the project, under the installed transformers and
     under the oldest one setup.cfg declares (its own virtual environment), gives the same greedy tokens."""
-    python = sys.executable if transformers_version == "installed" else str(request.getfixturevalue("oldest_transformers_python"))
     path, model, _ = trained_dir
+    assert_remote_code_gives_the_same_tokens(path, model, processor, tmp_path, transformers_version, request, CAPTIONS[0])
+
+
+def assert_remote_code_gives_the_same_tokens(path, model, processor, tmp_path, transformers_version, request, caption):
+    """The check of `test_fresh_process_loads_remote_code_and_gets_same_tokens` for any saved model (each image tower's
+    tests call it with theirs): `model`'s greedy tokens for three toy images from the folder's code in a fresh process
+    that cannot import the project, and `caption` from its "image-to-text" pipeline for the first."""
+    python = sys.executable if transformers_version == "installed" else str(request.getfixturevalue("oldest_transformers_python"))
     files = []
     for i in range(3):
         files.append(str(tmp_path / f"{i}.png"))
@@ -206,7 +216,7 @@ def test_fresh_process_loads_remote_code_and_gets_same_tokens(trained_dir, proce
     expected = model.generate(**processor(images=files), max_new_tokens=20, do_sample=False)
     assert remote["tokens"] == expected.tolist()
     assert remote["auto_model_tokens"] == expected.tolist()
-    assert remote["pipeline"] == [{"generated_text": CAPTIONS[0]}]
+    assert remote["pipeline"] == [{"generated_text": caption}]
 
 
 def test_image_to_text_pipeline(trained_dir, tmp_path):

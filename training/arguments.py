@@ -42,12 +42,14 @@ class ModelArguments:
     """The model: a preset (or a saved model to start from), its overrides, its tokenizer and saved decoding."""
 
     preset: str = field(default="mini-112", metadata={"help": "the paper's mini, base or large, or ours: mini-112, base-112, "
-                                                              "large-112, or the decoder-heavy mini-112-dec, base-112-dec"})
+                                                              "large-112, the decoder-heavy mini-112-dec, base-112-dec, or "
+                                                              "mini-112-conv (a convolutional image tower)"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "start from a saved NanoVLM folder"})
     vision_feature_select: str | None = field(default=None, metadata={"help": "visual tokens: cls, pooled or all (default: the preset's)"})
     image_size: int | None = field(default=None, metadata={"help": "input resolution (default: the preset's)"})
     config_overrides: str | None = field(
-        default=None, metadata={"help": "comma-separated config fields, e.g. 'hidden_dropout=0.0,vision_pool_size=4'"}
+        default=None, metadata={"help": "comma-separated config fields, e.g. 'hidden_dropout=0.0,vision_pool_size=4'; lists '/'-separated, e.g. "
+                  "'vision_tower_type=conv,vision_conv_channels=24/48/96/160'"}
     )
     tokenizer: str | None = field(default=None, metadata={"help": "folder with a saved tokenizer; else one is trained"})
     vocab_size: int = field(default=25000, metadata={"help": "BPE vocabulary size when training a tokenizer"})
@@ -248,6 +250,8 @@ def parse_config_overrides(text: str | None) -> dict:
                 overrides[key] = value.lower() == "true"
             elif isinstance(default, (int, float)):
                 overrides[key] = type(default)(value)
+            elif isinstance(default, list):  # per-stage lists, '/'-separated: vision_conv_channels=32/64/128/240
+                overrides[key] = [int(v) for v in value.split("/")]
             elif value.lower() in ("none", "null"):
                 overrides[key] = None
             else:

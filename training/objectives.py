@@ -47,7 +47,7 @@ def token_grid(config: NanoVLMConfig) -> int:
     """Side of the square map of visual tokens the decoder reads (the [CLS] token aside)."""
     if config.vision_feature_select == "cls":
         raise ValueError("--aux_grounding_weight needs a map of visual tokens: use --vision_feature_select pooled or all")
-    return config.vision_pool_size if config.vision_feature_select == "pooled" else config.image_size // config.patch_size
+    return config.vision_pool_size if config.vision_feature_select == "pooled" else config.vision_grid
 
 
 class GroundingObjective(Objective):
@@ -148,6 +148,9 @@ class MaskedImageObjective(Objective):
         self.mask_ratio = mask_ratio
 
     def attach(self, model) -> None:
+        if model.config.vision_tower_type != "vit":
+            raise ValueError("--aux_mim_weight masks the ViT tower's patches: it needs vision_tower_type='vit' (this model's "
+                             f"is {model.config.vision_tower_type!r}); pass --aux_mim_weight 0")
         model.aux_mim_head = MaskedImageHead(model.config, self.mask_ratio)
 
     def loss(self, model, image_tokens, batch):  # image_tokens unused: a second pass of the tower
