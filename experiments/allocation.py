@@ -1,18 +1,11 @@
 """Where should the parameters go? Split a fixed parameter budget between the vision encoder and the
 decoder in several ways, train each split the same way, and tabulate what each model sees.
 
-<<<<<<< HEAD:experiments/allocation.py
     python -m experiments.allocation --budget mini --seeds 0 1 --output results/allocation_mini_scenes.json
     python -m experiments.allocation --budget base --output results/allocation_base_scenes.json
     python -m experiments.allocation --budget mini --data photos --output results/allocation_mini_photos.json
     python -m experiments.allocation --budget mini --dry_run     # only print the configurations
-=======
-    python -m benchmarks.allocation --budget mini --seeds 0 1 --output results/allocation_mini_scenes.json
-    python -m benchmarks.allocation --budget base --output results/allocation_base_scenes.json
-    python -m benchmarks.allocation --budget mini --data photos --output results/allocation_mini_photos.json
-    python -m benchmarks.allocation --budget mini --dry_run     # only print the configurations
-    python -m benchmarks.allocation --budget mini-conv --data photos --dry_run   # mini-112-conv's total, conv tower
->>>>>>> main:benchmarks/allocation.py
+    python -m experiments.allocation --budget mini-conv --data photos --dry_run   # mini-112-conv's total, conv tower
 
 The budget is a preset's total (mini-112: ~2.6M on the scenes, base-112: ~11M) with the data's own tokenizer,
 which is trained once and shared by every run. Each split keeps the preset's depths (vision layers, decoder
