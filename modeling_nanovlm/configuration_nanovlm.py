@@ -39,7 +39,7 @@ SEEING_PRESETS = {
 # The same totals with ~30% of the parameters in the vision tower instead of 78-85% (the widths moved, the
 # depths kept; shares with a ~500-token scene tokenizer: 30.5% of 2.64M and of 11.3M). Per parameter and per
 # training sample they learn more: lower validation loss at both budgets, higher object recall at ~11M, more
-# image use on photos (`python -m benchmarks.allocation`, docs/experiments.md "Where should the parameters
+# image use on photos (`python -m experiments.allocation`, docs/experiments/allocation.md "Where should the parameters
 # go?"). Per second they cost more: a training step takes ~1.35x as long, and in equal training time both
 # name fewer objects than mini-112 / base-112, which stay the defaults. For when parameters, not time, are the budget.
 SEEING_PRESETS |= {
