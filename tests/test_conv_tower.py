@@ -247,6 +247,8 @@ def photo_like_folder(folder: Path, n: int = 24) -> tuple[Path, Path]:
     return folder / "captions.json", folder / "images"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # about a minute on a shared CPU: most of it train.py's setup and final evaluation
 def test_train_py_trains_the_conv_preset_with_the_words_loss_and_augmentation(tmp_path):
     captions, image_dir = photo_like_folder(tmp_path / "photos")
     out = tmp_path / "run"
