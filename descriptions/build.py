@@ -50,10 +50,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import HfArgumentParser
 
 from processing.data import BadImages, decode_error, load_coco_captions
-from llm.client import (
-    CacheInUseError, ClientSettings, FatalLLMError, JsonlCache, LLMClient, arg, client_arguments, client_settings, count_failures,
-    run_pool, safe_url,
-)
+from llm.cache import CacheInUseError, JsonlCache
+from llm.client import FatalLLMError, LLMClient, count_failures, run_pool, safe_url
+from llm.settings import ClientSettings, arg, client_arguments, client_settings
 from descriptions.prompts import Prompts, load_prompts
 
 logger = logging.getLogger(__name__)

@@ -46,7 +46,9 @@ from evaluation.novelty import novelty_scores
 from evaluation.report import GRID_NAME, write_report
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor
 from processing import data, scenes
-from llm.client import CacheInUseError, FatalLLMError, arg, client_arguments, client_settings, redact, safe_url
+from llm.cache import CacheInUseError
+from llm.client import FatalLLMError, redact, safe_url
+from llm.settings import arg, client_arguments, client_settings
 
 logger = logging.getLogger(__name__)
 

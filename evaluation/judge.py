@@ -32,7 +32,10 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llm.client import ClientSettings, JsonlCache, LLMClient, count_failures, json_schema_format, json_validator, run_pool
+from llm.cache import JsonlCache
+from llm.client import LLMClient, count_failures, run_pool
+from llm.schema import json_schema_format, json_validator
+from llm.settings import ClientSettings
 
 logger = logging.getLogger(__name__)
 

@@ -8,14 +8,9 @@ long paid batch jobs: the description builder here and the evaluation's LLM judg
   that got it. An answer that `validate` rejects is re-asked (at most `max_reasks` times) with the
   reason. Every HTTP request, retry or re-ask, counts against `max_attempts` per item.
   401/403/404 raise `FatalLLMError` (a wrong key, model or URL fails every item: stop, do not pay).
-- Structured output (for the judge): `json_schema_format(name, schema)` as `response_format`, and
-  `json_validator(schema)` as `validate` (parses the answer, checks a JSON-schema subset).
 - `run_pool(items, handle, concurrency, desc)`: the workers and progress bar of a batch job.
-- `JsonlCache`: a durable append-only JSONL file (fsync per record, torn last line detected and cut,
-  an exclusive lock against a second writer), keyed by a tuple of record fields.
-- `ClientSettings`: how to reach and pace a server, the settings the builder and the judge share;
-  `client_arguments(prefix)` declares them as command-line flags (`--model` ..., `--judge_model` ...)
-  and `client_settings(args, prefix)` reads them back; `arg` is the flag helper of both CLIs.
+- Beside it: structured output (`llm.schema`), the durable cache (`llm.cache.JsonlCache`) and the settings and
+  flags the builder and the judge share (`llm.settings.ClientSettings`).
 
 The API key comes from an environment variable and is sent only as the bearer token. `redact(text,
 key)` is the one redaction function of the project: it strips the key in every form a server or a
@@ -28,7 +23,6 @@ line before it is written.
 import asyncio
 import base64
 import email.utils
-import fcntl
 import json
 import logging
 import os
@@ -38,7 +32,7 @@ import time
 import urllib.parse
 from collections import Counter
 from functools import lru_cache
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import openai
@@ -56,10 +50,6 @@ REDACTED = "[redacted]"
 
 class FatalLLMError(RuntimeError):
     """An error that every further request would repeat (bad key, unknown model, wrong URL)."""
-
-
-class CacheInUseError(RuntimeError):
-    """A cache file is locked by another process (a second build or evaluation on the same output)."""
 
 
 def _base64_cores(secret: bytes) -> set[str]:
@@ -144,46 +134,6 @@ class _Transient(Exception):
 
 class _ItemError(Exception):
     """Not retryable and specific to this request (400, 422): the item fails, the run goes on."""
-
-
-def arg(default=None, help=None, **kwargs):
-    """A dataclass field that HfArgumentParser turns into a flag: its default and --help text, and any
-    argparse extras (choices, metavar)."""
-    return field(default=default, metadata={"help": help, **kwargs})
-
-
-@dataclass
-class ClientSettings:
-    """How to reach and pace an OpenAI-compatible server: the settings the description builder and
-    the evaluation's judge share (`LLMClient`'s arguments)."""
-
-    model: str | None = arg(help="model name as the server knows it (the paper: gpt-4o)")
-    base_url: str | None = arg(help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)")
-    api_key_env: str = arg("OPENAI_API_KEY", "environment variable holding the API key")
-    concurrency: int = arg(8, "requests in flight at once")
-    timeout: float = arg(60.0, "seconds before a request counts as failed (and is retried)")
-    max_attempts: int = arg(6, "HTTP requests per item at most, retries and re-asks included")
-    backoff_base: float = arg(1.0, "first retry waits about this many seconds, doubling after")
-    backoff_max: float = arg(60.0, "longest wait between retries (Retry-After aside)")
-
-    def client(self, flag_prefix: str = "", max_attempts: int | None = None, concurrency: int | None = None) -> "LLMClient":
-        """A client with these settings; `flag_prefix` names the flags its errors point to (--judge_model ...)."""
-        return LLMClient(self.model, self.base_url, self.api_key_env, concurrency or self.concurrency, self.timeout,
-                         max_attempts or self.max_attempts, self.backoff_base, self.backoff_max, flag_prefix=flag_prefix)
-
-
-def client_arguments(prefix: str, group: str, **defaults) -> type:
-    """`ClientSettings` as an HfArgumentParser dataclass whose flags are `--{prefix}{name}` (in an
-    argument group named `group`), with `defaults` replacing the shared ones."""
-    specs = []
-    for f in fields(ClientSettings):
-        specs.append((prefix + f.name, f.type, arg(defaults.get(f.name, f.default), f.metadata["help"])))
-    return make_dataclass(f"{prefix.strip('_').title()}ClientArguments", specs, namespace={"_argument_group_name": group})
-
-
-def client_settings(args, prefix: str = "") -> dict:
-    """The `ClientSettings` fields of a parsed namespace whose flags `client_arguments(prefix)` declared."""
-    return {f.name: getattr(args, prefix + f.name) for f in fields(ClientSettings)}
 
 
 def safe_url(url: str | None) -> str | None:
@@ -425,157 +375,3 @@ async def run_pool(items: list, handle: Callable, concurrency: int, desc: str, u
 # --- structured (JSON) answers, for the judge ---------------------------------------------------
 
 
-def json_schema_format(name: str, schema: dict, strict: bool = True) -> dict:
-    """`response_format` asking for JSON that matches `schema` (OpenAI structured outputs).
-
-    Servers without it (llama-cpp-python answers HTTP 500) can use `{"type": "json_object"}` or
-    none: `json_validator` checks the answer either way.
-    """
-    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}}
-
-
-def json_validator(schema: dict) -> Callable[[str], tuple[Any, str | None]]:
-    """A `validate` for `LLMClient.complete`: parse JSON (``` fences allowed) and check it against `schema`."""
-
-    def validate(text: str):
-        body = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
-        try:
-            value = json.loads(body)
-        except json.JSONDecodeError as err:
-            return None, f"not_json: {err.msg} at char {err.pos}"
-        problem = check_schema(value, schema)
-        return (value, None) if problem is None else (None, f"schema: {problem}")
-
-    return validate
-
-
-_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float), "boolean": bool, "null": type(None)}
-
-
-def check_schema(value: Any, schema: dict, path: str = "$") -> str | None:
-    """The first violation of a JSON-schema subset (type, enum, required, properties,
-    additionalProperties false, items, minimum/maximum, minLength/maxLength), or None."""
-    expected = schema.get("type")
-    if expected is not None:
-        types = expected if isinstance(expected, list) else [expected]
-        if not any(isinstance(value, _TYPES[t]) and not (t in ("integer", "number") and isinstance(value, bool)) for t in types):
-            return f"{path} should be {expected}, got {type(value).__name__}"
-    if "enum" in schema and value not in schema["enum"]:
-        return f"{path} should be one of {schema['enum']}, got {value!r}"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            return f"{path} = {value} is below {schema['minimum']}"
-        if "maximum" in schema and value > schema["maximum"]:
-            return f"{path} = {value} is above {schema['maximum']}"
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0):
-            return f"{path} is shorter than {schema['minLength']} characters"
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            return f"{path} is longer than {schema['maxLength']} characters"
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                return f"{path} misses {key!r}"
-        properties = schema.get("properties", {})
-        for key, item in value.items():
-            if key in properties:
-                if (problem := check_schema(item, properties[key], f"{path}.{key}")) is not None:
-                    return problem
-            elif schema.get("additionalProperties") is False:
-                return f"{path} has an unexpected key {key!r}"
-    if isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            if (problem := check_schema(item, schema["items"], f"{path}[{i}]")) is not None:
-                return problem
-    return None
-
-
-# --- durable cache ---------------------------------------------------------------------------------
-
-
-class JsonlCache:
-    """Append-only JSONL records keyed by `tuple(record[f] for f in key_fields)`; the last record of a
-    key wins. `append` returns only after the line is on disk (flush + fsync), so a record that is
-    there after a crash was complete. Opening cuts a torn last line (a write cut off by a kill) and
-    skips, with a warning, any other line that does not parse. One writer at a time (flock; a second
-    one gets `CacheInUseError`). `secret` (the API key) is redacted from every line before it is written.
-    """
-
-    def __init__(self, path: str, key_fields: tuple[str, ...], secret: str | None = None):
-        self.path, self.key_fields, self.secret = path, tuple(key_fields), secret
-        self.records: dict[tuple, dict] = {}
-        self.torn_bytes = 0
-        self.bad_lines = 0
-        new = not os.path.exists(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._file = open(path, "a+b")
-        try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.close()
-            raise CacheInUseError(f"{path} is in use by another process (another build or evaluation writing the same "
-                                  "cache?); wait for it to finish or use another --output") from None
-        if new:  # make the new file's directory entry durable too
-            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self._load()
-
-    def _load(self) -> None:
-        self._file.seek(0)
-        data = self._file.read()
-        good_end = 0
-        lines = data.split(b"\n")
-        for i, line in enumerate(lines):
-            last = i == len(lines) - 1  # the bytes after the final newline: empty unless the write was torn
-            if last and line == b"":
-                break
-            try:
-                record = json.loads(line)
-                if last:
-                    raise ValueError("no newline: torn write")
-                self.records[self.key(record)] = record
-                good_end += len(line) + 1
-            except (ValueError, KeyError, TypeError):
-                if last:
-                    self.torn_bytes = len(line)
-                    logger.warning("%s: the last line is torn (%d bytes, a write cut off by a crash); ignoring it", self.path, len(line))
-                else:
-                    self.bad_lines += 1
-                    good_end += len(line) + 1
-                    logger.warning("%s: line %d is not a valid record; skipping it", self.path, i + 1)
-        if self.torn_bytes:
-            self._file.truncate(good_end)
-            os.fsync(self._file.fileno())
-
-    def key(self, record: dict) -> tuple:
-        return tuple(record[f] for f in self.key_fields)
-
-    def get(self, key: tuple) -> dict | None:
-        return self.records.get(tuple(key))
-
-    def __contains__(self, key) -> bool:
-        return tuple(key) in self.records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def append(self, record: dict) -> None:
-        key = self.key(record)
-        line = redact(json.dumps(record, ensure_ascii=False), self.secret)
-        record = json.loads(line)  # what is kept is what the file says
-        self._file.write((line + "\n").encode())
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self.records[key] = record
-
-    def close(self) -> None:
-        self._file.close()  # also releases the lock
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -20,9 +20,10 @@ from PIL import Image
 
 from processing import data
 from descriptions.build import main, parse_args, reading_grade, split_of, validate_description
-from llm.client import (
-    ClientSettings, JsonlCache, LLMClient, client_settings, count_failures, json_schema_format, json_validator, redact,
-)
+from llm.cache import JsonlCache
+from llm.client import LLMClient, count_failures, redact
+from llm.schema import json_schema_format, json_validator
+from llm.settings import ClientSettings, client_settings
 from descriptions.prompts import PROMPT_VERSION, Prompts, load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
