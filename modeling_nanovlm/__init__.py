@@ -78,7 +78,9 @@ class NanoVLMImageTextToTextPipeline(ImageTextToTextPipeline):
             processor = NanoVLMProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
         super().__init__(model, *args, processor=processor, image_processor=image_processor, tokenizer=tokenizer,
                          **kwargs)
-        self.captioner = NanoVLMImageToTextPipeline(model=self.model, processor=self.processor, device=self.device)
+        # on this pipeline's device; a model placed by accelerate (device_map) may not be given one
+        device = {} if getattr(self.model, "hf_device_map", None) else {"device": self.device}
+        self.captioner = NanoVLMImageToTextPipeline(model=self.model, processor=self.processor, **device)
 
     def __call__(self, images=None, text=None, **kwargs):
         items = images if isinstance(images, (list, tuple)) else [images]
