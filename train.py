@@ -207,7 +207,7 @@ def parse_args(argv: list[str]):
         raise ValueError(f"--recipe {recipe_path}: \"then\" must be a JSON object of flags for the second stage")
     if unknown := sorted(set(recipe) - known) + sorted(f"then.{k}" for k in set(then or {}) - known):
         raise ValueError(f"--recipe {recipe_path}: unknown flag(s) {unknown}; see python train.py --help")
-    parser.set_defaults(**{**DEFAULTS, **recipe, **launch_defaults()})
+    parser.set_defaults(**{**DEFAULTS, **launch_defaults(), **recipe})
     *groups, rest = parser.parse_args_into_dataclasses(args=argv)  # rest: the --recipe flag itself
     return tuple(groups)
 
@@ -283,7 +283,7 @@ def train_in_stages(argv: list[str], then: dict) -> None:
 def launch_defaults() -> dict:
     """On a machine without a GPU train.py trains on the CPU as if given --use_cpu true: TrainingArguments refuses
     --bf16 there otherwise, and processes started by a launcher (WORLD_SIZE > 1) would each run alone (no gloo
-    world) and all write one output folder. A --use_cpu on the command line wins."""
+    world) and all write one output folder. A use_cpu in a recipe or on the command line wins."""
     if not torch.accelerator.is_available():
         return {"use_cpu": True}
     return {}

@@ -2,6 +2,8 @@
 without a GPU, and `accelerate launch` asked for more processes than it starts. (Pipelines built from a loaded
 model and processor, under the installed and the oldest declared transformers: tests/test_hub_code.py.)"""
 
+import json
+
 import pytest
 import torch
 from conftest import toy_image
@@ -50,10 +52,12 @@ def test_nanovlm_pipeline_from_objects_is_ours_and_names_what_is_missing(tester,
 
 
 @no_gpu
-def test_without_a_gpu_training_is_on_the_cpu_unless_use_cpu_false_is_given():
+def test_without_a_gpu_training_is_on_the_cpu_unless_use_cpu_false_is_given(tmp_path):
     training_args = train.parse_args(["--bf16", "true"])[2]  # TrainingArguments refuses bf16 here without use_cpu
     assert training_args.use_cpu and training_args.bf16
     assert not train.parse_args(["--use_cpu", "false"])[2].use_cpu  # the command line wins
+    (tmp_path / "recipe.json").write_text(json.dumps({"use_cpu": False}))
+    assert not train.parse_args(["--recipe", str(tmp_path / "recipe.json")])[2].use_cpu  # and so does a recipe
 
 
 @no_gpu
