@@ -135,7 +135,7 @@ FRESH_PROCESS = BLOCK_PROJECT + textwrap.dedent(
 
 
 def declared_transformers_range() -> tuple[str, str]:
-    """The oldest and the newest transformers minors that setup.cfg declares (`>=5.15,<5.25` -> 5.15, 5.24)."""
+    """The oldest and the newest transformers minors that setup.cfg declares (`>=5.15,<5.26` -> 5.15, 5.25)."""
     low, major, minor = re.search(r"transformers>=(\d+\.\d+),<(\d+)\.(\d+)", (ROOT / "setup.cfg").read_text()).groups()
     return low, f"{major}.{int(minor) - 1}"
 
