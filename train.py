@@ -11,7 +11,7 @@
     python train.py --push_to_hub --hub_model_id ORG/NAME   # then push model, code and model card to the Hub
     accelerate launch --config_file configuration/accelerate/multi_gpu.yaml train.py --preset base
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
-        --dynamo_backend no train.py --use_cpu          # two CPU ranks (plain --cpu starts one)
+        --dynamo_backend no train.py                    # two CPU ranks (--num_processes 2 alone starts one: refused)
 
 The output folder holds a model + processor + Hub code loadable with `from_pretrained`,
 metrics.json, loss_curve.png and samples.png. Resume with `--resume_from_checkpoint latest` (the newest

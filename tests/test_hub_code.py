@@ -1,5 +1,6 @@
 """Auto classes, remote code in a fresh process, both pipelines, and a tiny model that learns."""
 
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -7,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -133,7 +135,7 @@ FRESH_PROCESS = BLOCK_PROJECT + textwrap.dedent(
 
 
 def declared_transformers_range() -> tuple[str, str]:
-    """The oldest and the newest transformers minors that setup.cfg declares (`>=5.15,<5.25` -> 5.15, 5.24)."""
+    """The oldest and the newest transformers minors that setup.cfg declares (`>=5.15,<5.26` -> 5.15, 5.25)."""
     low, major, minor = re.search(r"transformers>=(\d+\.\d+),<(\d+)\.(\d+)", (ROOT / "setup.cfg").read_text()).groups()
     return low, f"{major}.{int(minor) - 1}"
 
@@ -165,14 +167,17 @@ def oldest_transformers_python():
     venv = ROOT / f".venv-transformers-{oldest}"
     python = venv / "bin" / "python"
     check = [str(python), "-c", "import PIL, torch, transformers; print(transformers.__version__)"]
-    installed = subprocess.run(check, capture_output=True, text=True) if python.exists() else None
-    if installed is None or installed.returncode or not installed.stdout.startswith(oldest + "."):
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        link_distribution("torch", str(python))  # the same torch: only transformers differs
-        packages = [f"torch=={torch.__version__}", f"transformers~={oldest}.0", "pillow"]  # torch's own dependencies come too
-        result = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages],
-                                capture_output=True, text=True, timeout=1800)
-        assert result.returncode == 0, f"could not install {packages} into {venv}: {result.stderr[-2000:]}"
+    # Tests on parallel workers may ask at once: one builds, the others wait for it and reuse it.
+    with open(Path(tempfile.gettempdir()) / f"nanovlm-venv-transformers-{oldest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        installed = subprocess.run(check, capture_output=True, text=True) if python.exists() else None
+        if installed is None or installed.returncode or not installed.stdout.startswith(oldest + "."):
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+            link_distribution("torch", str(python))  # the same torch: only transformers differs
+            packages = [f"torch=={torch.__version__}", f"transformers~={oldest}.0", "pillow"]  # torch's own dependencies come too
+            result = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages],
+                                    capture_output=True, text=True, timeout=1800)
+            assert result.returncode == 0, f"could not install {packages} into {venv}: {result.stderr[-2000:]}"
     return python
 
 
@@ -231,6 +236,50 @@ def test_image_to_text_pipeline(trained_dir, tmp_path):
     ]
     continued = captioner(toy_image(4), prompt="Two pink")
     assert continued == [{"generated_text": CAPTIONS[4]}]
+
+
+# A loaded model with its processor, or with the processor's parts, in a process that imports the project: no path, so
+# transformers never reads the config's custom_pipelines, and 5.2x turns "image-to-text" into "image-text-to-text".
+OBJECTS_PIPELINE = textwrap.dedent(
+    """
+    import json, sys
+    from PIL import Image
+    from transformers import pipeline
+    from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor
+    model = NanoVLMForConditionalGeneration.from_pretrained({path!r}).eval()
+    processor = NanoVLMProcessor.from_pretrained({path!r})
+    parts = {{"processor": dict(processor=processor),
+              "image_processor and tokenizer": dict(image_processor=processor.image_processor, tokenizer=processor.tokenizer)}}
+    images = [Image.open(p) for p in {images!r}]
+    out = {{}}
+    for name, kwargs in parts.items():
+        captioner = pipeline("image-to-text", model=model, **kwargs)
+        out[name] = [captioner(images[0]), captioner(images[1:3]), captioner(images[4], prompt="Two pink"),
+                     pipeline("image-text-to-text", model=model, **kwargs)(images=images[2], text="There is a",
+                                                                            max_new_tokens=20)[0]["generated_text"]]
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.parametrize("transformers_version", ["installed", "oldest declared"])
+def test_image_to_text_pipeline_from_loaded_objects(trained_dir, tmp_path, transformers_version, request):
+    """pipeline("image-to-text", model=<loaded model>, processor=<loaded processor>), or with image_processor= and
+    tokenizer=, captions as the folder's pipeline does, and "image-text-to-text" still continues a text; under the
+    installed transformers and the oldest declared (which has no "image-to-text" task of its own)."""
+    python = sys.executable if transformers_version == "installed" else str(request.getfixturevalue("oldest_transformers_python"))
+    path, _, _ = trained_dir
+    files = []
+    for i in range(5):
+        files.append(str(tmp_path / f"{i}.png"))
+        toy_image(i).save(files[-1])
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    result = subprocess.run([python, "-c", OBJECTS_PIPELINE.format(path=str(path), images=files)], capture_output=True,
+                            text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [[{"generated_text": CAPTIONS[0]}], [[{"generated_text": CAPTIONS[1]}], [{"generated_text": CAPTIONS[2]}]],
+                [{"generated_text": CAPTIONS[4]}], CAPTIONS[2]]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"processor": expected, "image_processor and tokenizer": expected}
 
 
 def test_image_text_to_text_pipeline_continues_a_prefix(trained_dir):

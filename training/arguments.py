@@ -220,7 +220,7 @@ def parse_args(argv: list[str]):
         raise ValueError(f"--recipe {recipe_path}: \"then\" must be a JSON object of flags for the second stage")
     if unknown := sorted(set(recipe) - known) + sorted(f"then.{k}" for k in set(then or {}) - known):
         raise ValueError(f"--recipe {recipe_path}: unknown flag(s) {unknown}; see python train.py --help")
-    parser.set_defaults(**{**DEFAULTS, **recipe, **launch_defaults()})
+    parser.set_defaults(**{**DEFAULTS, **launch_defaults(), **recipe})
     *groups, rest = parser.parse_args_into_dataclasses(args=argv)  # rest: the --recipe flag itself
     return tuple(groups)
 

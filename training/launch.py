@@ -9,15 +9,16 @@ logger = logging.getLogger(__name__)
 
 
 def launch_defaults() -> dict:
-    """Processes started by a launcher (WORLD_SIZE > 1) on a machine without a GPU train together on the CPU
-    (gloo), as if given --use_cpu: without it each would run alone and all would write one output folder."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+    """On a machine without a GPU train.py trains on the CPU as if given --use_cpu true: TrainingArguments refuses
+    --bf16 there otherwise, and processes started by a launcher (WORLD_SIZE > 1) would each run alone (no gloo
+    world) and all write one output folder. A use_cpu in a recipe or on the command line wins."""
+    if not torch.accelerator.is_available():
         return {"use_cpu": True}
     return {}
 
 
 def check_launch(training_args) -> None:
-    """Refuse a launch whose processes would not train together; say so when accelerate started one of several."""
+    """Refuse a launch whose processes would not train together, or that started one process of several asked for."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and (training_args.use_cpu or not torch.accelerator.is_available()):
         raise ValueError(
@@ -30,6 +31,17 @@ def check_launch(training_args) -> None:
             "alone and overwrite one output folder. On a machine without GPUs pass --use_cpu true (or drop --use_cpu false); "
             "with GPUs, check the accelerate config's num_processes against the GPUs present"
         )
+    if training_args.use_cpu and not torch.accelerator.is_available():
+        logger.info("no GPU here: training on the CPU (use_cpu)")
     if "ACCELERATE_USE_CPU" in os.environ and "WORLD_SIZE" not in os.environ and not torch.accelerator.is_available():
+        # accelerate's one-process launcher: it sets MASTER_ADDR only when more processes (or machines) were asked for
+        if "MASTER_ADDR" in os.environ:
+            raise ValueError(
+                "`accelerate launch` was asked for several processes but started one, which would train alone: without "
+                "GPUs it starts several only with --multi_gpu. For N CPU ranks run `accelerate launch --multi_gpu "
+                "--num_processes N --num_machines 1 --mixed_precision no --dynamo_backend no train.py ...` (two: "
+                "`accelerate launch --config_file configuration/accelerate/cpu_2proc.yaml train.py ...`); for one process "
+                "drop --num_processes (and unset MASTER_ADDR if your shell exports it)"
+            )
         logger.info("one process: on a machine without GPUs `accelerate launch` starts several only with --multi_gpu "
                     "(e.g. --config_file configuration/accelerate/cpu_2proc.yaml)")
