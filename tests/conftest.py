@@ -96,6 +96,15 @@ def tester(tokenizer):
     return NanoVLMModelTester(tokenizer)
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tester, processor):
+    """A folder with a tiny saved model and its processor (`from_pretrained` loads it)."""
+    path = tmp_path_factory.mktemp("model")
+    tester.get_model().save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def images():
     return [toy_image(i) for i in range(8)]

@@ -163,14 +163,6 @@ def test_train_skips_and_counts_empty_captions_and_outside_paths(tmp_path, caplo
 # --- processor, model, from_pretrained, generate ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory, tester, processor):
-    path = tmp_path_factory.mktemp("model")
-    tester.get_model().save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 def _fifo(tmp):
     os.mkfifo(tmp / "pipe.jpg")
     return [str(tmp / "pipe.jpg")]

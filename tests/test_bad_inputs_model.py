@@ -12,14 +12,6 @@ from conftest import toy_image
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory, tester, processor):
-    path = tmp_path_factory.mktemp("model")
-    tester.get_model().save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 def copy_of(saved, target):
     shutil.copytree(saved, target)
     return target

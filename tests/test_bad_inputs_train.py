@@ -229,14 +229,6 @@ def test_train_refuses_a_fifo_named_in_the_caption_file(tmp_path):
     refused(status, stderr, r"pipe.png \(not a regular file", "train.py")
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory, tester, processor):
-    path = tmp_path_factory.mktemp("model")
-    tester.get_model().save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 @pytest.mark.timeout(120)
 def test_evaluation_refuses_a_fifo_named_in_the_caption_file(tmp_path, saved):
     caption_file, images = coco_with_a_fifo(tmp_path)
