@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 from test_hub_code import TRANSFORMERS_VERSIONS, assert_remote_code_gives_the_same_tokens, captions_of, overfit
 
 import train
-from benchmarks import allocation
+from experiments import allocation
 from benchmarks.sizes import part_sizes, preset_sizes
 from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration
 from modeling_nanovlm.modeling_nanovlm import NanoVLMConvBlock, NanoVLMConvVisionModel, NanoVLMVisionModel
