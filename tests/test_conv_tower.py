@@ -9,8 +9,11 @@ import torch
 from conftest import CAPTIONS, COLORS, toy_image
 from PIL import Image, ImageDraw
 from test_hub_code import TRANSFORMERS_VERSIONS, assert_remote_code_gives_the_same_tokens, captions_of, overfit
+from test_hub_code import oldest_transformers_python  # noqa: F401  (a fixture the remote-code test asks for)
 
 import train
+from training.arguments import DataArguments, parse_config_overrides
+from training.objectives import token_grid, with_objectives
 from experiments import allocation
 from benchmarks.sizes import part_sizes, preset_sizes
 from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration
@@ -207,7 +210,7 @@ def test_allocation_sweep_scales_the_conv_towers_channels():
         assert abs(split["share"] - split["target_share"]) < 0.06 and abs(split["total"] / budget - 1) <= 0.02
         assert "vision_hidden_size" not in split and len(split["vision_conv_channels"]) == 4
         # its recipe's overrides give train.py this very model
-        overrides = train.parse_config_overrides(allocation.overrides_text(allocation.split_overrides(split)))
+        overrides = parse_config_overrides(allocation.overrides_text(allocation.split_overrides(split)))
         config = NanoVLMConfig.from_preset("mini-112-conv", vocab_size=511, **overrides)
         assert part_sizes(config)["total"] == split["total"]
     assert splits[0]["vision_conv_channels"][-1] < splits[1]["vision_conv_channels"][-1]
@@ -272,11 +275,11 @@ def test_train_py_trains_the_conv_preset_with_the_words_loss_and_augmentation(tm
 
 
 def test_masked_image_modelling_is_refused_for_the_conv_tower(tester):
-    args = train.DataArguments(aux_mim_weight=0.5, aux_grounding_weight=0.0)
+    args = DataArguments(aux_mim_weight=0.5, aux_grounding_weight=0.0)
     with pytest.raises(ValueError, match="--aux_mim_weight"):
-        train.trainer_setup(conv_model(tester), args, collator=None)
+        with_objectives(conv_model(tester), args, collator=None)
 
 
 def test_grounding_reads_the_conv_towers_grid(tester):
-    assert train.token_grid(tester.get_config(**CONV, vision_feature_select="all")) == 2
-    assert train.token_grid(tester.get_config(**CONV, vision_pool_size=1)) == 1
+    assert token_grid(tester.get_config(**CONV, vision_feature_select="all")) == 2
+    assert token_grid(tester.get_config(**CONV, vision_pool_size=1)) == 1
