@@ -21,13 +21,15 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_posi
             patch_size=8, vision_hidden_size=32, vision_num_hidden_layers=1, vision_num_attention_heads=4,
             vision_stem_channels=16, vision_pool_size=2, initializer_range=0.2)  # wide weights: a random model's greedy tokens vary
 # Every family of configs: the paper's presets (the [CLS] token), ours (every patch token), the decoder-heavy ones,
-# the pooled readout and the convolutional stem; each shrunk to a few thousand parameters.
+# the pooled readout, the convolutional stem and the convolutional tower; each shrunk to a few thousand parameters.
 FAMILIES = {
     "mini": dict(preset="mini"),
     "base-112": dict(preset="base-112"),
     "mini-112-dec": dict(preset="mini-112-dec"),
     "pooled": dict(preset="large", vision_feature_select="pooled"),
     "conv-stem": dict(preset="mini-112", vision_stem="conv"),
+    "conv-tower": dict(preset="mini-112-conv", vision_conv_channels=[8, 16, 16], vision_conv_blocks=[1, 1, 1], vision_conv_groups=4,
+                       vision_conv_grid=2, vision_feature_select="all"),
 }
 PROMPTS = ["", "I see", "A yellow star is on"]  # one caption and two continuations: a left-padded batch
 
