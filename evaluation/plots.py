@@ -101,12 +101,9 @@ def plot_caption_grid(images, captions, path: str, references=None, columns: int
         _plot_marked_grid(images, captions, path, references, columns, rows, marks)
         return
     lines = 9 if references is not None else 5
-    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, (3.0 + 0.16 * lines) * rows), dpi=110, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, (image, caption) in enumerate(zip(images, captions)):
+    fig, axes = _image_grid(images, columns, rows, 3.0 + 0.16 * lines)
+    for i, caption in enumerate(captions):
         ax = axes.flat[i]
-        ax.imshow(image)
         text = "model: " + "\n".join(textwrap.wrap(caption, wrap)[:5])
         if references is not None:
             text += "\ntruth: " + "\n".join(textwrap.wrap(references[i], wrap)[:4])
@@ -117,17 +114,24 @@ def plot_caption_grid(images, captions, path: str, references=None, columns: int
     plt.close(fig)
 
 
+def _image_grid(images, columns: int, rows: int, cell_height: float):
+    """(figure, axes): the images in a grid of `columns`, axes off, each cell `cell_height` inches tall."""
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, cell_height * rows), dpi=110, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image in zip(axes.flat, images):
+        ax.imshow(image)
+    return fig, axes
+
+
 def _plot_marked_grid(images, captions, path, references, columns, rows, marks) -> None:
     """`plot_caption_grid` with marks: every word of the caption, claims colored, the truth in gray below."""
     fontsize, width_pt = 6.5, 3.2 * 72
     longest = max((len(c) for c in captions), default=0) + max((len(r) for r in references or []), default=0)
     lines = 3 + longest // 60  # about 60 characters a line at this size
-    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, (3.0 + 0.13 * lines) * rows), dpi=110, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, (image, caption) in enumerate(zip(images, captions)):
+    fig, axes = _image_grid(images, columns, rows, 3.0 + 0.13 * lines)
+    for i, caption in enumerate(captions):
         ax = axes.flat[i]
-        ax.imshow(image)
         used = _draw_marked(ax, "model: " + caption, [(a + 7, b + 7, r) for a, b, r in marks[i]], width_pt, fontsize)
         if references is not None:
             truth = "truth: " + "\n".join(textwrap.wrap(references[i], 62))
