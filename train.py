@@ -127,6 +127,7 @@ def train_once(model_args, data_args, training_args):
     remove_training_heads(model)
     trainer.save_model()
     eval_metrics = trainer.evaluate()  # every rank takes part
+    trainer.save_state()  # trainer_state.json: the whole log history (experiments.convergence reads it)
     if trainer.is_world_process_zero():
         metrics = final_report(trainer, processor, validation, data_args, max_new_tokens, bad, started, eval_metrics)
         name = os.path.basename(os.path.abspath(training_args.output_dir))
@@ -181,7 +182,6 @@ def final_report(trainer, processor, validation, data_args, max_new_tokens, bad,
     marks = [claim_marks(c, s) for c, s in zip(captions[:k], truth)] if truth else None  # places right or wrong
     plot_caption_grid(images[:k], captions[:k], os.path.join(out, "samples.png"), references=rows["text"][:k], marks=marks)
     return metrics
-
 
 
 if __name__ == "__main__":

@@ -80,6 +80,13 @@ def test_tiny_model_learns_scenes(tmp_path):
     assert index["recall"] == round(result["grounding.object_recall"], 4) and index["loss"] == round(result["final.eval_loss"], 4)
     assert card.data.eval_results[0].dataset_type == "nanovlm-scenes" and card.data.eval_results[0].dataset_split == "validation"
 
+    from experiments import convergence  # the run's log history, kept in the output folder, drawn and summarised
+
+    report = convergence.main([str(out), "--output", str(tmp_path / "curves.json"), "--plot", str(tmp_path / "curves.png")])["run"]
+    assert report["steps"] == 200 and report["eval_loss"] == result["final.eval_loss"]
+    assert report["gap"] == report["eval_loss"] - report["train_caption_loss"] and report["roughness"] > 0
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
 
 def test_two_process_ddp_matches_single_process(tmp_path):
     common = ["--num_train_examples", "128", "--num_validation_examples", "16", "--max_steps", "2", "--logging_steps", "1",
