@@ -132,8 +132,12 @@ class BrowserCaptioners:
         return caption
 
     def close(self):
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
+        self.process.stdin.close()  # bench.mjs closes the browser at the end of its input
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def web_version(package: str) -> str:
@@ -146,6 +150,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
     logger.setLevel(logging.INFO)
     (args,) = HfArgumentParser(Arguments).parse_args_into_dataclasses(argv)
+    load_at_start = os.getloadavg()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = args.model_dir or default_model(scratch, args.preset)
@@ -195,7 +200,9 @@ def main(argv=None):
         sizes = {f: os.path.getsize(os.path.join(onnx_dir, f)) for f in sorted(os.listdir(onnx_dir))}
         parameters = sum(p.numel() for p in model.parameters())
     report = {
+        "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
+        "cores": os.cpu_count(),
         "command": "python -m benchmarks.onnx " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": asdict(args),
         "model": {"dir": args.model_dir, "preset": model.config.preset, "parameters": parameters,

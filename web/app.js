@@ -29,7 +29,7 @@ async function load(model, quantized) {
     showError(`The model at ${base} did not load: ${err.message}`);
     return;
   }
-  $("status").textContent = `Loaded ${base}${quantized ? " (int8)" : ""}. Pick or drop an image.`;
+  $("status").textContent = `Loaded ${model}${quantized ? " (int8)" : ""}. Pick or drop an image.`;
   document.body.dataset.state = "ready";
 }
 
