@@ -6,7 +6,9 @@
 
 Pushed, as one commit: the weights (safetensors), config and generation config, the processor
 (tokenizer, image processor, chat template), the three Hub code files, arguments.json /
-metrics.json / report.json, samples.png / loss_curve.png, and README.md: the model card
+metrics.json / report.json, samples.png / loss_curve.png, the ONNX export when the folder holds one
+(`onnx/*.onnx` from `python -m modeling_nanovlm.export_onnx FOLDER`, under `onnx/` in the repo as SmolVLM's repos
+keep it: what web/ and transformers.js load), and README.md: the model card
 (`publishing/model_card.py`; written to the folder's README.md, as train.py does). Checkpoints, samples.jsonl and training_args.bin (a pickle that
 holds `--hub_token` in clear) stay home. Pushing again updates the repo; unchanged files are not
 uploaded again.
@@ -39,6 +41,8 @@ PUSHED = (
     "special_tokens_map.json", "preprocessor_config.json", "chat_template.jinja",
     "arguments.json", "metrics.json", "report.json", "samples.png", "loss_curve.png",
 )
+ONNX_FILES = ("vision_encoder", "embed_tokens", "decoder_model_merged")  # modeling_nanovlm/export_onnx.py's FILES
+ONNX_PUSHED = ("*.onnx", "*.onnx.data", "*.onnx_data")  # the graphs, and the weights of one stored apart (over 2 GB)
 
 
 class PushError(RuntimeError):
@@ -46,7 +50,8 @@ class PushError(RuntimeError):
 
 
 def files_to_push(folder: Path) -> list[Path]:
-    """The files of a saved NanoVLM output folder that go to the Hub (README.md is generated)."""
+    """The files of a saved NanoVLM output folder that go to the Hub (README.md is generated), the ONNX export's
+    under onnx/ included."""
     if not folder.is_dir():
         raise PushError(f"{folder} is not a folder; pass a train.py output folder")
     missing = [name for name in REQUIRED if not (folder / name).is_file()]
@@ -54,7 +59,26 @@ def files_to_push(folder: Path) -> list[Path]:
         missing.insert(0, "model.safetensors")
     if missing:
         raise PushError(f"{folder} is not a saved NanoVLM: missing {', '.join(missing)} (train.py writes them when training ends)")
-    return sorted(p for p in folder.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in PUSHED))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in PUSHED))
+    return files + _onnx_files(folder)
+
+
+def _onnx_files(folder: Path) -> list[Path]:
+    """The files of the folder's ONNX export (none without an onnx/ folder). An export that lacks one of the three
+    fp32 files would give a repo the page cannot load: it stops the push. Files older than the weights may describe
+    an earlier model (or only come from a copy that did not keep the times): a warning says so."""
+    onnx_dir = folder / "onnx"
+    if not onnx_dir.is_dir():
+        return []
+    files = sorted(p for p in onnx_dir.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in ONNX_PUSHED))
+    export = f"python -m modeling_nanovlm.export_onnx {folder}"
+    if missing := [f"{name}.onnx" for name in ONNX_FILES if not (onnx_dir / f"{name}.onnx").is_file()]:
+        raise PushError(f"{onnx_dir} lacks {', '.join(missing)}: export again with `{export}`, or remove {onnx_dir}")
+    weights = max(p.stat().st_mtime for p in folder.glob("*.safetensors"))
+    if stale := [p.name for p in files if p.stat().st_mtime < weights]:
+        logger.warning("%s holds %s, older than the weights: if the model was trained further since, export again "
+                       "with `%s` before pushing", onnx_dir, ", ".join(stale), export)
+    return files
 
 
 def _check_token_absent(token: str, contents: dict[str, bytes]) -> None:
@@ -124,14 +148,15 @@ def push_output(
     folder = Path(folder)
     token = _resolve_token(token)
     files = files_to_push(folder)
-    _check_token_absent(token, {p.name: p.read_bytes() for p in files})
+    names = [p.relative_to(folder).as_posix() for p in files]  # onnx/x.onnx: the path in the repo too
+    _check_token_absent(token, {name: p.read_bytes() for name, p in zip(names, files)})
     repo_id = create_repo(repo_id, token, private)
     card = write_model_card(folder, repo_id, license=license)  # the folder's README.md, now naming the repo
     _check_token_absent(token, {"README.md": card.read_bytes()})
     logger.info("pushing %d files from %s to %s at %s", len(files) + 1, folder, repo_id, constants.ENDPOINT)
     with _hub_errors(repo_id, token):
         info = HfApi(token=token).upload_folder(
-            repo_id=repo_id, folder_path=folder, allow_patterns=[p.name for p in files] + ["README.md"],
+            repo_id=repo_id, folder_path=folder, allow_patterns=names + ["README.md"],
             commit_message=commit_message or f"Upload NanoVLM from {folder.name}", revision=revision,
         )
     logger.info("pushed: %s", info.commit_url)
@@ -235,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             files = files_to_push(Path(args.output_dir))
             print(model_card(args.output_dir, args.repo_id, license=args.license))
-            print(f"\n<!-- would push: README.md, {', '.join(p.name for p in files)} -->")
+            print(f"\n<!-- would push: README.md, {', '.join(p.relative_to(Path(args.output_dir)).as_posix() for p in files)} -->")
         else:
             push_output(args.output_dir, args.repo_id, private=args.private or None, revision=args.revision,
                         commit_message=args.commit_message, license=args.license)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from test_hub_code import BLOCK_PROJECT
 from test_train import QUIET, ROOT, TINY_MODEL
 
+from modeling_nanovlm.export_onnx import OnnxCaptioner, export_onnx
 from publishing import push_to_hub
 
 TOKEN = "hf_NanoVLMtestToken0123456789abcdefXYZ"
@@ -210,6 +211,51 @@ def test_train_push_to_hub_fails_before_training_on_a_repo_it_cannot_write(hub, 
     assert result.returncode != 0
     assert "--push_to_hub: push to someone-else/nanovlm" in result.stderr and "cannot write to 'someone-else'" in result.stderr
     assert not out.exists() and TOKEN not in result.stdout + result.stderr
+
+
+def test_push_carries_the_onnx_export_and_a_download_captions_with_it(hub, pushed, tmp_path, monkeypatch, caplog):
+    """An output folder with `python -m modeling_nanovlm.export_onnx`'s files pushes them under onnx/ in the same
+    commit as the weights (SmolVLM's layout, what web/ loads); a download of the repo captions in onnxruntime with
+    generate()'s tokens. A partial export stops the push."""
+    import numpy as np
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    repo = "org/nanovlm-onnx"
+    out = tmp_path / "run"
+    shutil.copytree(pushed["out"], out)
+    export_onnx(str(out), dynamo=False)  # the legacy exporter: the same files, faster here
+    exported = {f"onnx/{name}{suffix}.onnx" for name in ("vision_encoder", "embed_tokens", "decoder_model_merged")
+                for suffix in ("", "_quantized")}
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert push_to_hub.main([str(out), "--repo_id", repo]) == 0
+    assert hub.git(repo, "rev-list", "--count", "main") == "2"  # the repo's creation, then one commit with everything
+    files = set(hub.git(repo, "ls-tree", "-r", "--name-only", "main").split())
+    assert exported | {"model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json", "README.md"} <= files
+    for name in exported:  # the bytes uploaded
+        assert int(hub.git(repo, "cat-file", "-s", f"main:{name}")) == (out / name).stat().st_size
+    assert TOKEN.encode() not in git_objects(hub, repo)
+
+    download = tmp_path / "downloaded"
+    fetch = run([sys.executable, "-c", "import sys; from huggingface_hub import snapshot_download; "
+                 f"snapshot_download({repo!r}, local_dir=sys.argv[1])", str(download)], hub_env(hub, tmp_path / "hf_home"))
+    assert fetch.returncode == 0, fetch.stderr[-2000:]
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    inputs = processor(images=[toy_image(i) for i in range(3)], text=[""] * 3)
+    expected = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=8).numpy()
+    for quantized in (False, True):
+        got = OnnxCaptioner(str(download), quantized=quantized, threads=1).generate(
+            inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), inputs["pixel_values"].numpy(), max_new_tokens=8)
+        if not quantized:
+            np.testing.assert_array_equal(got, expected)
+        assert got.shape[0] == 3
+
+    (out / "onnx" / "embed_tokens.onnx").unlink()
+    assert push_to_hub.main([str(out), "--repo_id", repo]) == 1
+    assert "lacks embed_tokens.onnx: export again with `python -m modeling_nanovlm.export_onnx" in caplog.text
+    assert hub.git(repo, "rev-list", "--count", "main") == "2"
 
 
 def test_hub_strategy_checkpoint_pushes_each_save_and_another_machine_resumes_from_it(hub, tmp_path):

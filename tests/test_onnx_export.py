@@ -116,7 +116,7 @@ def test_export_command_writes_smolvlm_layout_and_int8_files_caption(tokenizer, 
     from benchmarks.onnx import main as benchmark
 
     benchmark(["--model_dir", str(tmp_path), "--output", str(tmp_path / "speed.json"), "--new_tokens", "3", "--images", "2",
-               "--repeats", "1"])
+               "--repeats", "1", "--browser", "false"])  # the browser's side: tests/test_web.py
     report = json.loads((tmp_path / "speed.json").read_text())
     assert set(report["results"]) == {"pytorch_fp32", "onnxruntime_fp32", "onnxruntime_int8"}
     assert all(side["captions_timed"] == 2 and side["tokens_per_s"] > 0 for side in report["results"].values())
@@ -148,3 +148,43 @@ def test_missing_onnx_files_say_how_to_export(tokenizer, tmp_path):
     save_tiny_model(tmp_path, tokenizer, "mini", eos_from_greedy=False)
     with pytest.raises(FileNotFoundError, match="modeling_nanovlm.export_onnx"):
         OnnxCaptioner(str(tmp_path))
+
+
+@pytest.mark.parametrize("dataset", ["scenes", "coco"])
+def test_check_command_reports_token_equality_and_int8_quality(dataset, tokenizer, tmp_path):
+    """`python -m benchmarks.onnx_check` on a tiny model whose saved generation settings are not greedy (beams,
+    n-gram blocking): it decodes greedily on both sides, so fp32 ONNX gives generate()'s tokens for every image at
+    batch 1 and in left-padded batches, and it scores each side's captions with the evaluation's scorers."""
+    from benchmarks.onnx_check import main as check
+
+    model, processor = save_tiny_model(tmp_path, tokenizer, "mini-112")
+    model.generation_config.num_beams, model.generation_config.no_repeat_ngram_size = 3, 2
+    model.generation_config.save_pretrained(tmp_path)
+    export_onnx(str(tmp_path), dynamo=False)
+    argv = ["--model_dir", str(tmp_path), "--output", str(tmp_path / "check.json"), "--num_examples", "5",
+            "--batch_size", "3", "--max_new_tokens", "8", "--dataset", dataset]
+    if dataset == "coco":
+        (tmp_path / "images").mkdir()
+        for i in range(5):
+            toy_image(i, 40).save(tmp_path / "images" / f"{i}.png")
+        (tmp_path / "captions.json").write_text(json.dumps({
+            "images": [{"id": i, "file_name": f"{i}.png"} for i in range(5)],
+            "annotations": [{"image_id": i, "caption": text} for i in range(5) for text in ("A red box is here.", "I see a box.")]}))
+        argv += ["--caption_file", str(tmp_path / "captions.json"), "--image_dir", str(tmp_path / "images"),
+                 "--caption_tokenizer", "simple"]
+    check(argv)
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert set(report["token_equality"]) == {"batch_1", "batch_3_left_padded"}
+    for way in report["token_equality"].values():
+        assert way["onnxruntime_fp32"]["tokens_equal_fraction"] == 1.0 and way["onnxruntime_fp32"]["captions"] == 5
+        assert 0.0 <= way["onnxruntime_int8"]["tokens_equal_fraction"] <= 1.0
+    assert report["decoding"]["num_beams"] == 1 and report["decoding"]["model_generation_config"]["num_beams"] == 3
+    metrics = {"scenes": ("object_recall", "chair_i"), "coco": ("cider_d", "bleu4")}[dataset]
+    assert set(report["quality"]) == {"pytorch", "onnxruntime_fp32", "onnxruntime_int8"}
+    assert report["quality"]["pytorch"] == report["quality"]["onnxruntime_fp32"]  # the same tokens, the same scores
+    for metric in metrics:
+        assert all(isinstance(side[metric], float) for side in report["quality"].values())
+        assert report["quality_int8_minus_fp32"][metric] == pytest.approx(
+            report["quality"]["onnxruntime_int8"][metric] - report["quality"]["onnxruntime_fp32"][metric])
+    assert report["settings"]["onnx_files"] == "the model's onnx/"
+    assert len(report["samples"]) == 5 and report["samples"][0]["pytorch"] == report["samples"][0]["onnxruntime_fp32"]

@@ -198,3 +198,50 @@ def test_page_captions_five_images_with_generates_tokens(tokenizer, tmp_path):
     assert 0 < len(out["int8"]["tokens"]) <= 16
     assert out["missing"]["state"] == "error"
     assert "no-such-model/config.json" in out["missing"]["error"] and "404" in out["missing"]["error"]
+
+
+def test_benchmark_times_the_page_beside_python(tokenizer, tmp_path):
+    """`python -m benchmarks.onnx --browser true`: the page in headless Chromium (web/bench.mjs) captions the same
+    images, fp32 and int8, each caption held to --new_tokens tokens past the model's end of text (min_new_tokens),
+    and the JSON gives its ms per caption and tokens/s beside onnxruntime's and PyTorch's."""
+    import random
+
+    from benchmarks.onnx import main as benchmark
+    from processing import scenes
+
+    model, processor = save_tiny_model(tmp_path, tokenizer, "mini-112", eos_from_greedy=False)
+    inputs = processor(images=[scenes.render_scene(scenes.sample_scene(random.Random(0)), 32)], text=[""])  # the first image
+    greedy = model.generate(**inputs, do_sample=False, max_new_tokens=6)[0, inputs["input_ids"].shape[1]:].tolist()
+    model.generation_config.eos_token_id = greedy[2]  # its caption would end after 3 tokens
+    model.generation_config.save_pretrained(tmp_path)
+    export_onnx(str(tmp_path), dynamo=False)
+    node_modules()
+    benchmark(["--model_dir", str(tmp_path), "--output", str(tmp_path / "speed.json"), "--new_tokens", "6", "--images", "2",
+               "--repeats", "1", "--browser", "true"])
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert set(report["results"]) == {"pytorch_fp32", "onnxruntime_fp32", "onnxruntime_int8", "browser_fp32", "browser_int8"}
+    for name, side in report["results"].items():
+        assert side["captions_timed"] == 2 and side["ms_per_caption_median"] > 0
+        assert side["tokens_per_s"] == pytest.approx(6 / (side["ms_per_caption_median"] / 1000), rel=0.01), name
+    assert report["results"]["browser_int8"]["ms_preprocess_median"] > 0
+    assert "onnxruntime-web 1.23.2" in report["machine"]["browser"]
+
+
+def test_screenshot_script_saves_the_page_captioning(tokenizer, tmp_path):
+    """web/screenshot.mjs: the page, 900 pixels wide, with the caption generate() gives, saved as a small PNG."""
+    model, processor = save_tiny_model(tmp_path / "model", tokenizer, "mini-112")
+    export_onnx(str(tmp_path / "model"), dynamo=False)
+    toy_image(2, 64).save(tmp_path / "picture.png")
+    png = tmp_path / "page.png"
+    node_modules()
+    result = subprocess.run(["node", "screenshot.mjs", str(tmp_path / "model"), str(tmp_path / "picture.png"), str(png),
+                             "--max_new_tokens", "16"], capture_output=True, text=True, cwd=WEB, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    inputs = processor(images=[tmp_path / "picture.png"], text=[""])
+    expected = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=16)[0, inputs["input_ids"].shape[1]:]
+    assert out["tokens"] == expected.tolist() and out["caption"] == processor.decode(expected)
+    with Image.open(png) as picture:
+        assert picture.format == "PNG" and picture.width == 900 and picture.height > 400
+        assert len(set(picture.convert("L").getdata())) > 16  # text and the picture, not a blank page
+    assert out["bytes"] == png.stat().st_size < 300_000

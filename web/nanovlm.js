@@ -294,8 +294,9 @@ export class Captioner {
     return (await this.sessions.embed_tokens.run({ input_ids: input })).inputs_embeds;
   }
 
-  // Yields {token, text, ms} for each new token: greedy decoding with the KV cache, as generate() does.
-  async *caption(pixels, { maxNewTokens = 40 } = {}) {
+  // Yields {token, text, ms} for each new token: greedy decoding with the KV cache, as generate() does; the first
+  // `minNewTokens` tokens are never the end of text (generate()'s min_new_tokens), so that timings compare equal work.
+  async *caption(pixels, { maxNewTokens = 40, minNewTokens = 0 } = {}) {
     const ort = this.ort;
     const pixelTensor = new ort.Tensor("float32", pixels.data, pixels.dims);
     const features = (await this.sessions.vision_encoder.run({ pixel_values: pixelTensor })).image_features;
@@ -325,8 +326,9 @@ export class Captioner {
       const out = await this.sessions.decoder_model_merged.run({ inputs_embeds: embeds, attention_mask: mask, position_ids: positions, ...past });
       const vocab = out.logits.dims[2];
       const last = out.logits.data.subarray((T - 1) * vocab, T * vocab);
-      let token = 0;
-      for (let v = 1; v < vocab; v++) if (last[v] > last[token]) token = v;  // first maximum, as argmax
+      const allowed = (v) => generated.length >= minNewTokens || !this.eos.has(v);
+      let token = -1;
+      for (let v = 0; v < vocab; v++) if (allowed(v) && (token < 0 || last[v] > last[token])) token = v;  // first maximum, as argmax
       past = {};
       for (let i = 0; i < this.layers; i++) {
         for (const kind of ["key", "value"]) past[`past_key_values.${i}.${kind}`] = out[`present.${i}.${kind}`];
