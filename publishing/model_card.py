@@ -180,6 +180,16 @@ def image_path(config) -> str:
     return f" in {config.patch_size}x{config.patch_size} patches (a ViT tower)"
 
 
+ONNX_SECTION = (
+    "`onnx/` holds this model for ONNX Runtime and transformers.js, in the layout of SmolVLM's repos: "
+    "`vision_encoder.onnx` (pixel values to the rows that take the `<image>` tokens' places), `embed_tokens.onnx` and "
+    "`decoder_model_merged.onnx` (one decoding step with the KV cache; an empty cache for the prompt), and `_quantized` "
+    "int8 variants of each. Greedy decoding over them gives `generate()`'s tokens with `do_sample=False, num_beams=1`: "
+    "`OnnxCaptioner` in NanoVLM's `modeling_nanovlm/export_onnx.py` does it in Python, and NanoVLM's `web/` page "
+    "captions in the browser from this repo's URL."
+)
+
+
 def write_model_card(folder: str | Path, repo_id: str = "ORG/NAME", license: str = "apache-2.0") -> Path:
     """Save the model card as `folder/README.md` (train.py does at the end of training; the push sends it)."""
     path = Path(folder) / "README.md"
@@ -240,6 +250,7 @@ print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:]))
 
 model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)  # the same captioner; model.model: hidden states
 ```""",
+        *(["## ONNX: onnxruntime and the browser", ONNX_SECTION] if (folder / "onnx" / "decoder_model_merged.onnx").is_file() else []),
         "## Evaluation",
         _evaluation(folder, metrics, report),
         "## Model",

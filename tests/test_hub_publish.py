@@ -236,6 +236,7 @@ def test_push_carries_the_onnx_export_and_a_download_captions_with_it(hub, pushe
     for name in exported:  # the bytes uploaded
         assert int(hub.git(repo, "cat-file", "-s", f"main:{name}")) == (out / name).stat().st_size
     assert TOKEN.encode() not in git_objects(hub, repo)
+    assert "## ONNX" in hub.git(repo, "show", "main:README.md") and "## ONNX" not in (pushed["out"] / "README.md").read_text()
 
     download = tmp_path / "downloaded"
     fetch = run([sys.executable, "-c", "import sys; from huggingface_hub import snapshot_download; "
