@@ -368,6 +368,9 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True  # kernels registered with transformers' AttentionInterface
     supports_gradient_checkpointing = True
     _no_split_modules = ["NanoVLMBlock", "NanoVLMConvBlock"]
+    # train.py's checkpoints also hold its training-only heads (aux_grounding_head, ...): a captioner loaded from one
+    # leaves them out without reporting them as unexpected weights
+    _keys_to_ignore_on_load_unexpected = [r"^aux_\w+_head\."]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

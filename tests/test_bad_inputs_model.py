@@ -57,6 +57,21 @@ def test_from_pretrained_says_the_config_is_missing(saved, tmp_path):
     assert NanoVLMForConditionalGeneration.from_pretrained(folder, config=config).config.hidden_size == config.hidden_size
 
 
+def test_a_training_checkpoint_loads_as_a_captioner_without_unexpected_weights(tester, tmp_path):
+    """train.py's checkpoints hold its training-only heads (aux_*_head): loading one for captioning mid-run gives the
+    captioner's weights and reports nothing unexpected (a load report listing them reads as a broken model)."""
+    from training.objectives import TRAINING_HEADS
+
+    model = tester.get_model()
+    for name in TRAINING_HEADS:  # as each objective's attach() adds its head
+        setattr(model, name, torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 3)))
+    model.save_pretrained(tmp_path / "checkpoint-500")
+    loaded, info = NanoVLMForConditionalGeneration.from_pretrained(tmp_path / "checkpoint-500", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    assert not any(hasattr(loaded, name) for name in TRAINING_HEADS)
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
+
+
 @pytest.mark.parametrize("file", ["tokenizer.json", "tokenizer_config.json", "processor_config.json"])
 def test_processor_from_pretrained_names_a_missing_file(saved, tmp_path, file):
     folder = copy_of(saved, tmp_path / "partial")
