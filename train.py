@@ -36,6 +36,7 @@ from evaluation.plots import plot_caption_grid, plot_loss_curve
 from processing import data, scenes
 from processing.augment import CaptionAugment
 from processing.collator import NanoVLMCollator
+from processing.photo_groups import group_by_photo
 from publishing import push_to_hub
 from publishing.model_card import write_model_card
 from training.arguments import check_arguments, parse_args
@@ -105,10 +106,13 @@ def train_once(model_args, data_args, training_args):
         collator, extra = WithReferences(NanoVLMCollator(processor, max_length)), {
             "self_critical": self_critical_setup(model_args, training_args, processor, train)}
     else:
-        collator, extra = with_objectives(model, data_args, NanoVLMCollator(processor, max_length), train["text"])
+        grouped = data_args.captions_per_image > 1  # a photo's captions share one row of pixel_values
+        collator, extra = with_objectives(model, data_args, NanoVLMCollator(processor, max_length, share_images=grouped), train["text"])
     caption_eval = CaptionEvaluation(processor, samples, max_new_tokens, os.path.join(training_args.output_dir, "samples.jsonl"),
                                      data_args.eval_metrics, data_args.num_sample_captions)
-    if data_args.augment:
+    if data_args.captions_per_image > 1:  # one pass of the image tower (and one decode, one augmentation) per photo
+        train, extra["train_sampler"] = group_by_photo(train, data_args.captions_per_image, training_args.seed, data_args.augment)
+    elif data_args.augment:
         train = train.with_transform(CaptionAugment(seed=training_args.seed).transform_batch)
     trainer = NanoVLMTrainer(
         model=model,

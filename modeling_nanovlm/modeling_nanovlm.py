@@ -500,6 +500,18 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
                 f"[{low}, {high}]; was the text tokenized with this model's processor?"
             )
 
+    def _check_image_index(self, image_index, num_sequences: int, num_images: int):
+        """`image_index` must give each of the batch's sequences a row of `pixel_values`."""
+        if image_index.ndim != 1 or image_index.shape[0] != num_sequences or image_index.dtype.is_floating_point:
+            raise ValueError(
+                f"image_index must be an integer tensor of shape ({num_sequences},) (one row of pixel_values per sequence), "
+                f"got {image_index.dtype} {tuple(image_index.shape)}"
+            )
+        if not torch.compiler.is_compiling() and num_sequences:
+            low, high = (int(value) for value in torch.aminmax(image_index))
+            if low < 0 or high >= num_images:
+                raise ValueError(f"image_index must be in [0, {num_images}) (the rows of pixel_values), got values in [{low}, {high}]")
+
     def get_placeholder_mask(self, input_ids, image_features):
         """Where the image features go: the `<image>` tokens of `input_ids`, `(B, T, 1)`; their count must match
         the features'."""
@@ -534,8 +546,13 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        image_index: torch.LongTensor | None = None,
         **kwargs,
     ) -> NanoVLMModelOutput:
+        """`image_index` `(batch,)`, optional: the row of `pixel_values` each sequence's `<image>` tokens show, so that
+        `pixel_values` may hold fewer images than there are sequences (several captions of one photo in a training
+        batch: the vision tower runs once for the photo, its features go to each of them and their gradients add up).
+        Default: sequence i shows image i. `image_hidden_states` hold one row per sequence either way."""
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
@@ -566,6 +583,9 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
             if input_ids is None:
                 raise ValueError("with pixel_values, pass input_ids (their <image> tokens say where the image goes)")
             image_hidden_states = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+            if image_index is not None:  # (images, V, hidden) -> (B, V, hidden): each sequence's image
+                self._check_image_index(image_index, B, image_hidden_states.shape[0])
+                image_hidden_states = image_hidden_states[image_index]
             mask = self.get_placeholder_mask(input_ids, image_hidden_states)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_hidden_states)
 
@@ -673,11 +693,15 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        image_index: torch.LongTensor | None = None,
         **kwargs,
     ) -> NanoVLMCausalLMOutput:
         """`labels` align with `input_ids` (-100 = ignored); the loss is transformers' causal-LM loss (with
         `logits_to_keep`, over the last `logits_to_keep` positions: training skips the LM head on the image tokens).
         `return_dict=False` gives the output's fields that are set, as a tuple.
+
+        `image_index` (optional, for training): the row of `pixel_values` each sequence shows, so that a photo's
+        captions can share one pass of the vision tower (`NanoVLMModel.forward`); without it, sequence i shows image i.
 
         `position_ids` may be passed as a keyword; by default they come from the attention mask and the cache
         (what `generate()` would compute). It is left out of the signature so that `generate()` does not build,
@@ -687,7 +711,7 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, cache=cache,
             inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=output_hidden_states, image_index=image_index,
         )
         hidden = outputs.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T, vocab)

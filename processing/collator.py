@@ -15,12 +15,17 @@ class NanoVLMCollator:
     model then runs plain causal attention, with no mask); labels are the input ids with -100 on the
     image tokens, `<bos>` and pads, so the loss covers the caption and its end. Texts longer than
     `max_length` tokens (with `<bos>` and `<eos>`) are cut, keeping `<eos>`.
+
+    `share_images`: consecutive examples holding the same image object (a photo's captions from
+    `processing.photo_groups.PhotoGroupTransform`, decoded and augmented once for them) share one row of
+    `pixel_values`, and `image_index` says which row each caption reads: the vision tower runs once per photo.
     """
 
     processor: NanoVLMProcessor
     max_length: int | None = None
     image_column: str = "image"
     text_column: str = "text"
+    share_images: bool = False
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         tokenizer, prefix = self.processor.tokenizer, self.processor.num_image_tokens
@@ -32,5 +37,11 @@ class NanoVLMCollator:
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         labels[:, : prefix + 1] = -100  # the image tokens and <bos>: inputs, never targets
         batch["labels"] = labels
-        batch["pixel_values"] = self.processor(images=[ex[self.image_column] for ex in examples])["pixel_values"]
+        images = [ex[self.image_column] for ex in examples]
+        if self.share_images:
+            new = [i == 0 or image is not images[i - 1] for i, image in enumerate(images)]
+            if not all(new):
+                batch["image_index"] = torch.tensor(new).long().cumsum(0) - 1  # (B,): each caption's row
+                images = [image for image, first in zip(images, new) if first]
+        batch["pixel_values"] = self.processor(images=images)["pixel_values"]
         return dict(batch)

@@ -115,6 +115,13 @@ class DataArguments:
                   "their pixels (each patch normalized); 0 = off. Costs a second pass of the vision tower a step"},
     )
     aux_mim_mask_ratio: float = field(default=0.6, metadata={"help": "masked-image modelling: share of the patches masked"})
+    captions_per_image: int = field(
+        default=1,
+        metadata={"help": "coco with --caption_policy all: each batch holds per_device_train_batch_size / K photos with K of "
+                  "their captions each; the image tower runs once per photo for its K captions, which see the same "
+                  "augmented view (1: each caption its own photo pass). The batch size still counts captions: it must be "
+                  "a multiple of K. An epoch is one pass over the photos"},
+    )
     augment: bool = field(
         default=False,
         metadata={"help": "augment training images: random resized crop, flip (left/right swapped in the caption), "
@@ -174,12 +181,35 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise ValueError(f"--eval_metrics must be grounding or cider, got {data_args.eval_metrics!r}")
     if data_args.eval_metrics == "grounding" and data_args.dataset != "scenes":
         raise ValueError("--eval_metrics grounding needs --dataset scenes (it uses the scenes' ground truth); use cider")
+    check_captions_per_image(data_args, training_args)
     weights = {"caption": training_args.self_critical_caption_weight, "distinct": training_args.self_critical_distinct_weight}
     if any(weights.values()) and not training_args.self_critical_samples:
         raise ValueError(f"--self_critical_caption_weight and --self_critical_distinct_weight weigh parts of self-critical "
                          f"training (got {weights}): pass --self_critical_samples too, or leave them at 0")
     if min(weights.values()) < 0:
         raise ValueError(f"--self_critical_caption_weight and --self_critical_distinct_weight must be 0 or more, got {weights}")
+
+
+def check_captions_per_image(data_args: DataArguments, training_args: NanoVLMTrainingArguments) -> None:
+    """--captions_per_image K groups K captions of a photo in a batch: a whole number of groups per batch, from data
+    that has several captions of each photo."""
+    k, batch = data_args.captions_per_image, training_args.per_device_train_batch_size
+    if k < 1:
+        raise ValueError(f"--captions_per_image must be at least 1 (1: one photo pass per caption), got {k}")
+    if k == 1:
+        return
+    if data_args.dataset != "coco" or data_args.caption_policy != "all":
+        raise ValueError(f"--captions_per_image {k} groups the captions of each photo: it needs --dataset coco with "
+                         f"--caption_policy all (got --dataset {data_args.dataset}, --caption_policy {data_args.caption_policy}); "
+                         "pass --captions_per_image 1 for other data")
+    if batch % k:
+        near = sorted({max(k, batch // k * k), (batch // k + 1) * k})
+        raise ValueError(f"--per_device_train_batch_size {batch} is not a multiple of --captions_per_image {k}: a batch holds "
+                         f"whole photos of {k} captions each; pass a batch size of {' or '.join(map(str, near))}, or another "
+                         f"--captions_per_image that divides {batch}")
+    if training_args.self_critical_samples:
+        raise ValueError("--captions_per_image groups the captions of the caption loss; self-critical training "
+                         "(--self_critical_samples) samples its own: pass --captions_per_image 1")
 
 
 def check_output_dir(path: str) -> None:

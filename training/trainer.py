@@ -38,6 +38,9 @@ class NanoVLMTrainer(Trainer):
     (a `SelfCritical`) the training loss is its loss on the model's own sampled captions, logged with their
     mean reward as `sample_cider_d`; evaluation keeps the caption loss.
 
+    `train_sampler`: the order of the training rows, in place of the Trainer's random one
+    (`processing.photo_groups.PhotoGroupSampler` under `--captions_per_image`).
+
     The training-only objectives (`training.objectives`) each add `weight * loss` on the projected visual tokens,
     logged as `aux_<name>`; their heads are trained and checkpointed with the model and removed before the final save.
 
@@ -48,8 +51,9 @@ class NanoVLMTrainer(Trainer):
     """
 
     def __init__(self, *args, objectives: list | None = None, caption_eval: "CaptionEvaluation | None" = None,
-                 self_critical: SelfCritical | None = None, **kwargs):
+                 self_critical: SelfCritical | None = None, train_sampler=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.train_sampler = train_sampler  # the order of the training rows (--captions_per_image), else the Trainer's
         self.self_critical, self._rewards = self_critical, [0.0, 0]
         self.caption_smoother, self.label_smoother = self.label_smoother, None  # training only, labels shifted
         self.objectives = objectives or []  # training.objectives.Objective
@@ -57,6 +61,9 @@ class NanoVLMTrainer(Trainer):
         self._aux_sums = {objective.name: [0.0, 0] for objective in self.objectives}
         self.parameter_bytes = ParameterBytes()
         self.add_callback(self.parameter_bytes)
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.train_sampler if self.train_sampler is not None else super()._get_train_sampler(train_dataset)
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
         output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
