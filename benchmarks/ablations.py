@@ -27,15 +27,21 @@ from benchmarks import speed
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def best_of(fns: dict, rounds: int) -> dict:
-    """{name: fastest seconds of `rounds` turns}: each round calls every fn once, in turn."""
+def times_in_turns(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """{name: seconds of each of `rounds` calls}: each round calls every fn once, in turn, so that a machine whose
+    speed drifts slows every side alike."""
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: min(t) for name, t in times.items()}
+    return times
+
+
+def best_of(fns: dict, rounds: int) -> dict:
+    """{name: fastest seconds of `rounds` turns}: each round calls every fn once, in turn."""
+    return {name: min(t) for name, t in times_in_turns(fns, rounds).items()}
 
 
 def scene_batch(preset: str | None = None, size: int = 32):

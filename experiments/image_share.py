@@ -33,6 +33,7 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
+from benchmarks.ablations import times_in_turns
 from processing import data
 from processing.augment import CaptionAugment
 from processing.collator import NanoVLMCollator
@@ -131,13 +132,7 @@ def timed_in_turns(fns: dict, calls: int = 3) -> dict:
     """{name: median seconds of `calls` calls}, the calls of the functions in turns (one untimed call each first)."""
     for fn in fns.values():
         fn()  # untimed: allocator and caches warm
-    times = {name: [] for name in fns}
-    for _ in range(calls):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times_in_turns(fns, calls).items()}
 
 
 def spread(values: list[float]) -> dict:
