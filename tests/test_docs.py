@@ -22,6 +22,7 @@ RESULTS_PATH = re.compile(r"results/[A-Za-z0-9_.\-/]+?\.(?:json|png|md)\b")
 # README's headline figures: (the figure as README writes it, the results file(s), the JSON key path in each, what
 # turns the values into the written figure). A figure edited in README, or a results file rewritten, fails here.
 PCT = "{:.1%}".format
+ONNX_FILES = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 HEADLINE = [
     ("names 88.4% of the objects", ["default_run_image_tokens_metrics.json"], "grounding.object_recall", PCT),
     ("invents 1.8% of those it names", ["default_run_image_tokens_metrics.json"], "grounding.chair_i", PCT),
@@ -35,6 +36,10 @@ HEADLINE = [
     ("object recall 3.1x sooner", ["bench_cpu.json"], "time_to_quality_speedup", "{:.1f}x".format),
     ("generates 1.14-1.49x as fast", ["bench_cpu.json"], "generate_speedup_vs_peer", None),
     ("trains 1.06x as many samples", ["bench_cpu.json"], "train_speedup_vs_peer", "{:.2f}x".format),
+    ("11.2 MB in fp32", ["onnx_speed.json"], tuple(f"onnx_file_bytes/{name}.onnx" for name in ONNX_FILES),
+     lambda *sizes: f"{sum(sizes) / 1e6:.1f} MB in fp32"),
+    ("3.4 MB\n   in int8", ["onnx_speed.json"], tuple(f"onnx_file_bytes/{name}_quantized.onnx" for name in ONNX_FILES),
+     lambda *sizes: f"{sum(sizes) / 1e6:.1f} MB\n   in int8"),
     ("1.36x the peer's CIDEr-D", ["photos_peer_recipe9.json"], "cider_d_ratio", "{:.2f}x".format),
     ("validation loss 0.645 against 0.699", ["allocation_mini_scenes.json"], ("summary/0/final.eval_loss", "summary/3/final.eval_loss"),
      lambda split30, split84: f"{split30:.3f} against {split84:.3f}"),
