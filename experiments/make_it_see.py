@@ -55,6 +55,8 @@ def run_recipe(path: str, output_root: str, extra: list[str]) -> dict:
     for key in ("train_examples_seen", "wall_seconds", "final.eval_loss", "grounding.object_recall", "grounding.object_precision",
                 "grounding.chair_i", "grounding.chair_s", "num_parameters"):
         row[key] = metrics.get(key)
+    if recipe.get("scenes_style") == "long":  # what a long description says about where things are
+        row.update({key: metrics.get(key) for key in LONG_KEYS})
     row["sample"] = metrics["samples"][0] if metrics.get("samples") else None
     if recipe.get("dataset") == "coco" and recipe.get("validation_caption_file"):
         row.update(evaluate_photos(recipe, out))
@@ -79,21 +81,36 @@ def evaluate_photos(recipe: dict, out: str) -> dict:
 # (header, metric key, format) of the columns after recipe, change, samples seen and wall time
 SCENES_COLUMNS = [("val loss", "final.eval_loss", "{:.3f}"), ("recall", "grounding.object_recall", "{:.2f}"),
                   ("CHAIR-i", "grounding.chair_i", "{:.2f}")]
+LONG_COLUMNS = SCENES_COLUMNS + [("place acc. (chance)", "grounding.place_accuracy", "{:.3f}"),
+                                 ("places / description", "grounding.place_claims_per_description", "{:.2f}"),
+                                 ("relation acc.", "grounding.relation_accuracy", "{:.2f}"),
+                                 ("relations / description", "grounding.relation_claims_per_description", "{:.2f}"),
+                                 ("repeat a sentence", "repetition.repeat_description_share", "{:.1%}")]
+LONG_KEYS = ("grounding.place_accuracy", "grounding.place_chance", "grounding.place_row_accuracy",
+             "grounding.place_column_accuracy", "grounding.place_claims_per_description", "grounding.relation_accuracy",
+             "grounding.relation_chance", "grounding.relation_claims", "grounding.relation_claims_per_description",
+             "repetition.repeat_description_share", "repetition.repeat_sentence_share")
 PHOTOS_COLUMNS = [("val loss", "final.eval_loss", "{:.3f}"), ("image gap (nats/token)", "image_use.image_gap", "{:.3f}"),
                   ("distinct captions", "image_use.unique_caption_share", "{:.1%}"), ("BLEU-4", "captions.bleu4", "{:.3f}"),
                   ("CIDEr-D", "captions.cider_d", "{:.3f}")]
 
 
 def markdown(rows: list[dict]) -> str:
-    columns = PHOTOS_COLUMNS if any("captions.cider_d" in r for r in rows) else SCENES_COLUMNS
+    if any("captions.cider_d" in r for r in rows):
+        columns = PHOTOS_COLUMNS
+    else:
+        columns = LONG_COLUMNS if any("grounding.place_accuracy" in r for r in rows) else SCENES_COLUMNS
     header = ["recipe", "change", "samples seen", "wall time", *(name for name, _, _ in columns)]
     cells = []
     for r in rows:
         if any(r.get(key) is None for _, key, _ in columns):
             cells.append([r["name"], r["change"], f"failed (exit {r.get('returncode')})", *[""] * (len(header) - 3)])
             continue
-        cells.append([r["name"], r["change"], f"{r['train_examples_seen']:,}", f"{r['wall_seconds'] / 60:.1f} min",
-                      *(fmt.format(r[key]) for _, key, fmt in columns)])
+        values = [fmt.format(r[key]) for _, key, fmt in columns]
+        if "grounding.place_chance" in r:  # the place accuracy beside what guessing the commonest place scores
+            i = [key for _, key, _ in columns].index("grounding.place_accuracy")
+            values[i] += f" ({r['grounding.place_chance']:.3f})"
+        cells.append([r["name"], r["change"], f"{r['train_examples_seen']:,}", f"{r['wall_seconds'] / 60:.1f} min", *values])
     return markdown_table(header, cells)
 
 

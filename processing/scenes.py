@@ -180,8 +180,15 @@ def token_labels(scene: dict, grid: int, min_cover: float = 0.3) -> tuple[list[i
     `min_cover` of the cell (the most-covered one where two are), 0 for background. Every object
     keeps at least its most-covered cell. The map of a model's patch (or pooled) tokens, for a
     per-token training signal."""
+    kinds, colors, _ = token_map(scene, grid, min_cover)
+    return kinds, colors
+
+
+def token_map(scene: dict, grid: int, min_cover: float = 0.3) -> tuple[list[int], list[int], list[int]]:
+    """`token_labels`' kinds and colours, and a third list: where the object of each map cell stands in the
+    scene, 1 + its index in `PLACES` (0 for background), for a per-token signal of where things are."""
     side = 8 * grid  # masks drawn at 8x8 pixels a cell
-    kinds, colors, cover = [0] * grid * grid, [0] * grid * grid, np.zeros(grid * grid)
+    kinds, colors, places, cover = [0] * grid * grid, [0] * grid * grid, [0] * grid * grid, np.zeros(grid * grid)
     for g in scene["objects"]:
         k, c = KINDS.index(g["kind"]) + 1, list(COLORS).index(g["color"]) + 1
         for place in g["places"]:
@@ -191,8 +198,8 @@ def token_labels(scene: dict, grid: int, min_cover: float = 0.3) -> tuple[list[i
             share = (np.asarray(mask).max(-1) > 0).reshape(grid, 8, grid, 8).mean(axis=(1, 3)).ravel()
             for t in set(np.flatnonzero(share >= min_cover)) | {int(share.argmax())}:
                 if share[t] > cover[t]:
-                    kinds[t], colors[t], cover[t] = k, c, share[t]
-    return kinds, colors
+                    kinds[t], colors[t], places[t], cover[t] = k, c, PLACES.index(place) + 1, share[t]
+    return kinds, colors, places
 
 
 # ----------------------------------------------------------------------------- descriptions

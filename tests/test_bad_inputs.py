@@ -136,6 +136,7 @@ TRAIN_CASES = [
     ("words loss with too rare words", lambda tmp: coco_args(*write_coco(tmp), "--aux_words_weight", "1", "--aux_words_min_count", "99"),
      ValueError, "no content word is used 99\\+ times"),
     ("scene grounding loss on photos", lambda tmp: coco_args(*write_coco(tmp), "--aux_grounding_weight", "1"), ValueError, "needs --dataset scenes"),
+    ("scene places loss on photos", lambda tmp: coco_args(*write_coco(tmp), "--aux_places_weight", "1"), ValueError, "needs --dataset scenes"),
     ("masked-image modelling masking every patch", lambda tmp: ["--aux_mim_weight", "1", "--aux_mim_mask_ratio", "1"], ValueError,
      "--aux_mim_mask_ratio must be between 0 and 1"),
 ]

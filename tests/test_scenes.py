@@ -12,9 +12,10 @@ from PIL import Image
 
 from evaluation.grounding import MANY, ground_description, grounding_scores, parse_mentions
 from processing.scenes import (
-    BACKGROUNDS, COLORS, DESCRIPTION_VERSION, KINDS, MIN_COLOR_DISTANCE, PLACES, PLURALS, TRAIN_SEED, VALIDATION_SEED,
+    BACKGROUNDS, COLORS, DESCRIPTION_VERSION, HORIZONTAL, KINDS, MIN_COLOR_DISTANCE, PLACES, PLURALS, TRAIN_SEED, VALIDATION_SEED,
     WORD_RANGES, describe_scene, example_seed, make_example, render_scene, sample_scene, scene_from_row, scene_texts, scenes_dataset,
     token_labels,
+    token_map,
 )
 
 N = 500
@@ -190,6 +191,28 @@ def test_token_labels_mark_the_cells_the_objects_are_drawn_in(grid):
                 assert any(g["kind"] == names[0][k - 1] and g["color"] == names[1][c - 1] for g in scene["objects"])
         labelled = {(names[0][k - 1], names[1][c - 1]) for k, c in zip(kinds, colors) if k}
         assert labelled == {(g["kind"], g["color"]) for g in scene["objects"]}, scene  # every object has a cell
+
+
+@pytest.mark.parametrize("grid", [4, 7])
+def test_token_map_places_each_object_cell_where_the_object_stands(grid):
+    for scene in scenes(200):
+        kinds, colors, places = token_map(scene, grid)
+        assert (kinds, colors) == tuple(token_labels(scene, grid))
+        assert all((k == 0) == (p == 0) for k, p in zip(kinds, places))
+        for t, (k, c, p) in enumerate(zip(kinds, colors, places)):
+            if not k:
+                continue
+            place = PLACES[p - 1]
+            group = next(g for g in scene["objects"] if KINDS.index(g["kind"]) + 1 == k and list(COLORS).index(g["color"]) + 1 == c)
+            assert place in group["places"], (scene, t)
+            row, column = t // grid, t % grid  # the cell's centre lies in (or touches) that place's part of the picture
+            v, h = place.split()
+            assert (row + 0.5) / grid >= (0.0 if v == "top" else 0.5 - 1 / grid) and (row + 0.5) / grid <= (0.5 + 1 / grid if v == "top" else 1.0)
+            left = HORIZONTAL.index(h) / 3
+            assert left - 1 / grid <= (column + 0.5) / grid <= left + 1 / 3 + 1 / grid, (scene, t, place)
+        for g in scene["objects"]:  # every member of every group keeps a cell
+            for place in g["places"]:
+                assert any(PLACES[p - 1] == place and KINDS[k - 1] == g["kind"] for k, p in zip(kinds, places) if k), (scene, place)
 
 
 def test_big_objects_are_clearly_bigger():

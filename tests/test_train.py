@@ -441,9 +441,13 @@ def test_vision_tower_masks_exactly_the_patches_asked():
 def test_aux_grounding_head_trains_but_is_not_released(tmp_path):
     out = tmp_path / "aux"
     run_train("--output_dir", str(out), "--num_train_examples", "64", "--num_validation_examples", "8", "--max_steps", "4",
-              "--save_steps", "2", "--eval_strategy", "no", "--aux_grounding_weight", "1.0", "--use_cpu")
-    assert any("aux_grounding_head" in k for k in load_file(out / "checkpoint-4" / "model.safetensors"))
-    assert not any("aux_grounding_head" in k for k in load_file(out / "model.safetensors"))
+              "--save_steps", "2", "--eval_strategy", "no", "--aux_grounding_weight", "1.0", "--aux_places_weight", "1.0",
+              "--logging_steps", "2", "--use_cpu")
+    for head in ("aux_grounding_head", "aux_places_head"):
+        assert any(head in k for k in load_file(out / "checkpoint-4" / "model.safetensors"))
+        assert not any(head in k for k in load_file(out / "model.safetensors"))
+    logged = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert any(0 < entry.get("aux_places", 0) for entry in logged)  # the places loss ran and was logged
     from transformers import AutoModelForImageTextToText
 
     model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
@@ -463,6 +467,26 @@ def test_make_it_see_tabulates_recipes(tmp_path):
     row = json.loads((tmp_path / "see.json").read_text())["runs"][0]
     assert row["name"] == "tiny" and row["train_examples_seen"] == 64 and 0 <= row["grounding.object_recall"] <= 1
     assert "| tiny | a tiny run | 64 |" in (tmp_path / "see.md").read_text()
+
+
+def test_make_it_see_tabulates_what_long_descriptions_say_about_places(tmp_path):
+    recipe = tmp_path / "long.json"
+    recipe.write_text(json.dumps({"_name": "long", "_change": "long style", "scenes_style": "long", "num_train_examples": 32,
+                                  "num_validation_examples": 8, "max_steps": 2, "per_device_train_batch_size": 16,
+                                  "eval_strategy": "no", "save_strategy": "no"}))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "experiments.make_it_see", str(recipe), "--output", str(tmp_path / "long_study.json"),
+           "--output_root", str(tmp_path / "runs"), "--", *TINY_MODEL, *QUIET, "--use_cpu"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads((tmp_path / "long_study.json").read_text())["runs"][0]
+    metrics = json.loads((tmp_path / "runs" / "long" / "metrics.json").read_text())
+    for key in ("grounding.place_accuracy", "grounding.place_chance", "grounding.relation_accuracy",
+                "repetition.repeat_description_share"):
+        assert row[key] == metrics[key]
+    table = (tmp_path / "long_study.md").read_text()
+    assert "place acc. (chance)" in table and "repeat a sentence" in table
+    assert f"{row['grounding.place_accuracy']:.3f} ({row['grounding.place_chance']:.3f})" in table
 
 
 @pytest.mark.parametrize("name", sorted(gpu_screen.VARIANTS))

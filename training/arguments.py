@@ -102,6 +102,12 @@ class DataArguments:
                   "object (kind, color) its cell shows; 0 = off, default 1.0 on scenes when the decoder reads "
                   "a map of visual tokens (pooled or all), else off. The saved model stays a plain captioner"},
     )
+    aux_places_weight: float = field(
+        default=0.0,
+        metadata={"help": "scenes: weight of a training-only loss that makes each visual token showing an object say "
+                  "where that object stands (row and column of the scene), for long descriptions that place things; "
+                  "0 = off. Needs a map of visual tokens (pooled or all). The saved model stays a plain captioner"},
+    )
     aux_words_weight: float = field(
         default=0.0,
         metadata={"help": "weight of a training-only loss that predicts which content words an image's captions use "

@@ -19,7 +19,7 @@ from processing.word_targets import word_targets, word_vocabulary
 
 logger = logging.getLogger(__name__)
 
-TRAINING_HEADS = ("aux_grounding_head", "aux_words_head", "aux_mim_head")
+TRAINING_HEADS = ("aux_grounding_head", "aux_places_head", "aux_words_head", "aux_mim_head")
 
 
 class Objective:
@@ -46,7 +46,8 @@ class Objective:
 def token_grid(config: NanoVLMConfig) -> int:
     """Side of the square map of visual tokens the decoder reads (the [CLS] token aside)."""
     if config.vision_feature_select == "cls":
-        raise ValueError("--aux_grounding_weight needs a map of visual tokens: use --vision_feature_select pooled or all")
+        raise ValueError("--aux_grounding_weight and --aux_places_weight need a map of visual tokens: use "
+                         "--vision_feature_select pooled or all (or set the weight to 0)")
     return config.vision_pool_size if config.vision_feature_select == "pooled" else config.vision_grid
 
 
@@ -77,6 +78,38 @@ class GroundingObjective(Objective):
         num_kinds = len(scenes.KINDS) + 1
         return F.cross_entropy(logits[..., :num_kinds].flatten(0, 1), kinds.flatten()) + F.cross_entropy(
             logits[..., num_kinds:].flatten(0, 1), colors.flatten())
+
+
+class PlacesObjective(Objective):
+    """Scenes (`--aux_places_weight`): every visual token that shows an object says where that object stands in
+    the scene, its row (top, bottom) and column (left, middle, right) from `scenes.token_map`; CE(row) + CE(column)
+    over those tokens (background tokens give no target).
+
+    Why: the long style says where each group is, and a model reads it off the visual tokens it attends to for
+    that group. The decoder's position table could tell it where a token sits, but as one vector a position; this
+    puts the row and the column into the token itself, shared by every token of that row or column."""
+
+    name = "places"
+
+    def __init__(self, weight: float, config: NanoVLMConfig):
+        super().__init__(weight)
+        self.grid = token_grid(config)
+
+    def attach(self, model) -> None:
+        model.aux_places_head = torch.nn.Linear(model.config.hidden_size, len(scenes.VERTICAL) + len(scenes.HORIZONTAL))
+
+    def targets(self, examples):
+        places = torch.tensor([scenes.token_map(scenes.scene_from_row(ex), self.grid)[2] for ex in examples]) - 1
+        columns = len(scenes.HORIZONTAL)  # PLACES runs row by row: place p is row p // 3, column p % 3
+        return {"aux_rows": torch.where(places >= 0, places // columns, -100),
+                "aux_columns": torch.where(places >= 0, places % columns, -100)}
+
+    def loss(self, model, image_tokens, batch):
+        rows, columns = batch["aux_rows"], batch["aux_columns"]
+        logits = model.aux_places_head(image_tokens[:, -rows.shape[1]:]).float()  # the map, without [CLS]
+        num_rows = len(scenes.VERTICAL)
+        return F.cross_entropy(logits[..., :num_rows].flatten(0, 1), rows.flatten(), ignore_index=-100) + F.cross_entropy(
+            logits[..., num_rows:].flatten(0, 1), columns.flatten(), ignore_index=-100)
 
 
 class WordsObjective(Objective):
@@ -177,6 +210,10 @@ def objectives_for(model, data_args, train_texts=()) -> list[Objective]:
         if data_args.dataset != "scenes":
             raise ValueError("--aux_grounding_weight needs --dataset scenes (it uses the scenes' ground truth)")
         objectives.append(GroundingObjective(grounding, model.config))
+    if data_args.aux_places_weight > 0:
+        if data_args.dataset != "scenes":
+            raise ValueError("--aux_places_weight needs --dataset scenes (it uses the scenes' ground truth)")
+        objectives.append(PlacesObjective(data_args.aux_places_weight, model.config))
     if data_args.aux_words_weight > 0:
         objectives.append(WordsObjective(data_args.aux_words_weight, train_texts, data_args.aux_words_min_count))
     if data_args.aux_mim_weight > 0:
