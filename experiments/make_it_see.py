@@ -81,11 +81,12 @@ def evaluate_photos(recipe: dict, out: str) -> dict:
 # (header, metric key, format) of the columns after recipe, change, samples seen and wall time
 SCENES_COLUMNS = [("val loss", "final.eval_loss", "{:.3f}"), ("recall", "grounding.object_recall", "{:.2f}"),
                   ("CHAIR-i", "grounding.chair_i", "{:.2f}")]
-LONG_COLUMNS = SCENES_COLUMNS + [("place acc. (chance)", "grounding.place_accuracy", "{:.3f}"),
-                                 ("places / description", "grounding.place_claims_per_description", "{:.2f}"),
-                                 ("relation acc.", "grounding.relation_accuracy", "{:.2f}"),
-                                 ("relations / description", "grounding.relation_claims_per_description", "{:.2f}"),
-                                 ("repeat a sentence", "repetition.repeat_description_share", "{:.1%}")]
+LONG_COLUMNS = [("val loss", "final.eval_loss", "{:.3f}"), ("recall", "grounding.object_recall", "{:.3f}"),
+                ("CHAIR-i", "grounding.chair_i", "{:.3f}"), ("place acc. (chance)", "grounding.place_accuracy", "{:.3f}"),
+                ("places / description", "grounding.place_claims_per_description", "{:.2f}"),
+                ("relation acc.", "grounding.relation_accuracy", "{:.2f}"),
+                ("relations / description", "grounding.relation_claims_per_description", "{:.2f}"),
+                ("repeat a sentence", "repetition.repeat_description_share", "{:.1%}")]
 LONG_KEYS = ("grounding.place_accuracy", "grounding.place_chance", "grounding.place_row_accuracy",
              "grounding.place_column_accuracy", "grounding.place_claims_per_description", "grounding.relation_accuracy",
              "grounding.relation_chance", "grounding.relation_claims", "grounding.relation_claims_per_description",

@@ -454,32 +454,30 @@ def test_aux_grounding_head_trains_but_is_not_released(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
-def test_make_it_see_tabulates_recipes(tmp_path):
-    recipe = tmp_path / "tiny.json"
-    recipe.write_text(json.dumps({"_name": "tiny", "_change": "a tiny run", "num_train_examples": 32,
-                                  "num_validation_examples": 8, "max_steps": 2, "per_device_train_batch_size": 32,
-                                  "eval_strategy": "no", "save_strategy": "no"}))
+def run_make_it_see(tmp_path, recipe: dict, output: str) -> dict:
+    """One tiny recipe through `python -m experiments.make_it_see`; its row of OUTPUT (in tmp_path)."""
+    path = tmp_path / f"{recipe['_name']}.json"
+    path.write_text(json.dumps(recipe))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "experiments.make_it_see", str(recipe), "--output", str(tmp_path / "see.json"),
+    cmd = [sys.executable, "-m", "experiments.make_it_see", str(path), "--output", str(tmp_path / output),
            "--output_root", str(tmp_path / "runs"), "--", *TINY_MODEL, *QUIET, "--use_cpu"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    row = json.loads((tmp_path / "see.json").read_text())["runs"][0]
+    return json.loads((tmp_path / output).read_text())["runs"][0]
+
+
+def test_make_it_see_tabulates_recipes(tmp_path):
+    row = run_make_it_see(tmp_path, {"_name": "tiny", "_change": "a tiny run", "num_train_examples": 32,
+                                     "num_validation_examples": 8, "max_steps": 2, "per_device_train_batch_size": 32,
+                                     "eval_strategy": "no", "save_strategy": "no"}, "see.json")
     assert row["name"] == "tiny" and row["train_examples_seen"] == 64 and 0 <= row["grounding.object_recall"] <= 1
     assert "| tiny | a tiny run | 64 |" in (tmp_path / "see.md").read_text()
 
 
 def test_make_it_see_tabulates_what_long_descriptions_say_about_places(tmp_path):
-    recipe = tmp_path / "long.json"
-    recipe.write_text(json.dumps({"_name": "long", "_change": "long style", "scenes_style": "long", "num_train_examples": 32,
-                                  "num_validation_examples": 8, "max_steps": 2, "per_device_train_batch_size": 16,
-                                  "eval_strategy": "no", "save_strategy": "no"}))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "experiments.make_it_see", str(recipe), "--output", str(tmp_path / "long_study.json"),
-           "--output_root", str(tmp_path / "runs"), "--", *TINY_MODEL, *QUIET, "--use_cpu"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    row = json.loads((tmp_path / "long_study.json").read_text())["runs"][0]
+    row = run_make_it_see(tmp_path, {"_name": "long", "_change": "long style", "scenes_style": "long", "num_train_examples": 32,
+                                     "num_validation_examples": 8, "max_steps": 2, "per_device_train_batch_size": 16,
+                                     "eval_strategy": "no", "save_strategy": "no"}, "long_study.json")
     metrics = json.loads((tmp_path / "runs" / "long" / "metrics.json").read_text())
     for key in ("grounding.place_accuracy", "grounding.place_chance", "grounding.relation_accuracy",
                 "repetition.repeat_description_share"):
