@@ -454,6 +454,22 @@ def test_aux_grounding_head_trains_but_is_not_released(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
+def test_long_best_recipe_trains_its_model_with_the_places_loss(tmp_path):
+    """configuration/recipes/long/best.json as it stands (its preset, style and losses), shrunk to a few steps."""
+    out = tmp_path / "long-best"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--recipe", str(ROOT / "configuration/recipes/long/best.json"), *QUIET,
+           "--num_train_examples", "32", "--num_validation_examples", "8", "--max_steps", "4", "--logging_steps", "2",
+           "--eval_strategy", "no", "--save_strategy", "no", "--output_dir", str(out), "--use_cpu"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "mini-112-dec" and config["hidden_size"] == 184 and config["vision_feature_select"] == "all"
+    logged = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert any(0 < entry.get("aux_places", 0) for entry in logged) and any(0 < entry.get("aux_grounding", 0) for entry in logged)
+    assert json.loads((out / "arguments.json").read_text())["data"]["scenes_style"] == "long"
+
+
 def run_make_it_see(tmp_path, recipe: dict, output: str) -> dict:
     """One tiny recipe through `python -m experiments.make_it_see`; its row of OUTPUT (in tmp_path)."""
     path = tmp_path / f"{recipe['_name']}.json"
