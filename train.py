@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import asdict
 
+import torch.distributed as dist
 import transformers
 
 from evaluation.captioning import generate_captions
@@ -145,6 +146,16 @@ def train_once(model_args, data_args, training_args):
             print(f"skipped {len(bad.rows)} unreadable image(s); see metrics.json 'data.skipped_bad_images'")
         if hub_repo:
             push_to_hub.push_after_training(training_args, hub_repo)
+    end_processes(trainer)
+
+
+def end_processes(trainer) -> None:
+    """Under a multi-process launch, every rank waits for rank 0's report, then all leave the process group together.
+    A rank that exits while the others still use the group can abort in the communication library's teardown
+    ("terminate called without an active exception", exit code -6), which fails the whole launch after a good run."""
+    if dist.is_available() and dist.is_initialized():
+        trainer.accelerator.wait_for_everyone()
+        dist.destroy_process_group()
 
 
 def final_report(trainer, processor, validation, data_args, max_new_tokens, bad, started, eval_metrics) -> dict:
