@@ -7,6 +7,8 @@ Each objective adds its head to the model (`attach`), adds its targets to the ba
 model and removed before the final save (`remove_training_heads`): the released model is a plain captioner.
 """
 
+import functools
+import json
 import logging
 import math
 
@@ -51,6 +53,19 @@ def token_grid(config: NanoVLMConfig) -> int:
     return config.vision_pool_size if config.vision_feature_select == "pooled" else config.vision_grid
 
 
+@functools.lru_cache(maxsize=4096)
+def _cell_map(scene_json: str, grid: int) -> tuple[list[int], list[int], list[int]]:
+    """`scenes.token_map` of a scenes row's scene: the grounding and places losses read the same map, drawn once."""
+    return scenes.token_map(json.loads(scene_json), grid)
+
+
+def _split_cross_entropy(logits: torch.Tensor, first: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """CE of the first `first` logits against targets `a` plus CE of the rest against `b`, over every token (a
+    target of -100, F.cross_entropy's ignore_index, gives no loss)."""
+    return F.cross_entropy(logits[..., :first].flatten(0, 1), a.flatten()) + F.cross_entropy(
+        logits[..., first:].flatten(0, 1), b.flatten())
+
+
 class GroundingObjective(Objective):
     """Scenes (`--aux_grounding_weight`, on by default there): every visual token of the map says which object
     (kind, colour) its cell shows, `scenes.token_labels` (0 = background); CE(kind) + CE(colour).
@@ -69,15 +84,13 @@ class GroundingObjective(Objective):
         model.aux_grounding_head = torch.nn.Linear(model.config.hidden_size, len(scenes.KINDS) + len(scenes.COLORS) + 2)
 
     def targets(self, examples):
-        labels = [scenes.token_labels(scenes.scene_from_row(ex), self.grid) for ex in examples]
-        return {"aux_kinds": torch.tensor([k for k, _ in labels]), "aux_colors": torch.tensor([c for _, c in labels])}
+        labels = [_cell_map(ex["scene"], self.grid) for ex in examples]  # scenes.token_labels, with the places
+        return {"aux_kinds": torch.tensor([k for k, _, _ in labels]), "aux_colors": torch.tensor([c for _, c, _ in labels])}
 
     def loss(self, model, image_tokens, batch):
         kinds, colors = batch["aux_kinds"], batch["aux_colors"]
         logits = model.aux_grounding_head(image_tokens[:, -kinds.shape[1]:]).float()  # the map, without [CLS]
-        num_kinds = len(scenes.KINDS) + 1
-        return F.cross_entropy(logits[..., :num_kinds].flatten(0, 1), kinds.flatten()) + F.cross_entropy(
-            logits[..., num_kinds:].flatten(0, 1), colors.flatten())
+        return _split_cross_entropy(logits, len(scenes.KINDS) + 1, kinds, colors)
 
 
 class PlacesObjective(Objective):
@@ -99,7 +112,7 @@ class PlacesObjective(Objective):
         model.aux_places_head = torch.nn.Linear(model.config.hidden_size, len(scenes.VERTICAL) + len(scenes.HORIZONTAL))
 
     def targets(self, examples):
-        places = torch.tensor([scenes.token_map(scenes.scene_from_row(ex), self.grid)[2] for ex in examples]) - 1
+        places = torch.tensor([_cell_map(ex["scene"], self.grid)[2] for ex in examples]) - 1
         columns = len(scenes.HORIZONTAL)  # PLACES runs row by row: place p is row p // 3, column p % 3
         return {"aux_rows": torch.where(places >= 0, places // columns, -100),
                 "aux_columns": torch.where(places >= 0, places % columns, -100)}
@@ -107,9 +120,7 @@ class PlacesObjective(Objective):
     def loss(self, model, image_tokens, batch):
         rows, columns = batch["aux_rows"], batch["aux_columns"]
         logits = model.aux_places_head(image_tokens[:, -rows.shape[1]:]).float()  # the map, without [CLS]
-        num_rows = len(scenes.VERTICAL)
-        return F.cross_entropy(logits[..., :num_rows].flatten(0, 1), rows.flatten(), ignore_index=-100) + F.cross_entropy(
-            logits[..., num_rows:].flatten(0, 1), columns.flatten(), ignore_index=-100)
+        return _split_cross_entropy(logits, len(scenes.VERTICAL), rows, columns)  # background tokens are -100
 
 
 class WordsObjective(Objective):
