@@ -11,7 +11,8 @@ novelty against the training texts, and the paper's LLM judge.
 Parts (`--parts`, default: what the data allows): grounding (scenes), captions (BLEU-1..4, ROUGE-L,
 CIDEr-D against the references), novelty (max ROUGE-1/ROUGE-L against the training texts,
 distinct-1/2), judge (when --judge_model is given). Out: OUTPUT/report.json, OUTPUT/report.md,
-OUTPUT/samples.png and OUTPUT/judge_cache.jsonl. It never replaces a file it did not write: in a folder with
+OUTPUT/samples.png, OUTPUT/predictions.jsonl (every example's text beside its references, with its CIDEr-D and, on
+scenes, its graded place and relation claims) and OUTPUT/judge_cache.jsonl. It never replaces a file it did not write: in a folder with
 a samples.png of its own (a training run's, evaluated with --output RUN) the pictures go to
 OUTPUT/evaluation_samples.png, and a report.json or report.md that no evaluation wrote is refused before anything runs.
 
@@ -37,7 +38,7 @@ from transformers import HfArgumentParser
 
 from evaluation.caption_metrics import TOKENIZERS, caption_scores
 from evaluation.captioning import generate_captions
-from evaluation.grounding import claim_marks, grounding_scores, repetition_scores
+from evaluation.grounding import claim_marks, ground_places, grounding_scores, repetition_scores
 from evaluation.image_use import image_gap, unique_caption_share
 from evaluation.judge import (
     CRITERIA, FORMATS, JUDGE_CLIENT_DEFAULTS, PREFIX_WORDS, PROMPT_VERSION, JudgeError, JudgeSettings, judge, split_prompt,
@@ -237,24 +238,26 @@ def run_judge(args, model, processor, d: EvalData, max_new_tokens: int) -> tuple
     return metrics, samples, settings_out
 
 
+PREDICTIONS_NAME = "predictions.jsonl"
 APART = "evaluation_samples.png"  # the grid's name in a folder whose samples.png is not an evaluation's (a training run's)
 
 
 def grid_file(folder: str) -> str:
     """The name of the picture grid to write into --output `folder`, so that the evaluation never replaces a file it did
     not write: samples.png, or evaluation_samples.png beside a samples.png of something else (a training run's, when
-    --output is the run's folder, so that a pushed model card shows the report). A report.json or report.md there that
-    no evaluation wrote is refused. An earlier evaluation's files (its report.json says so) are written over: a rerun."""
+    --output is the run's folder, so that a pushed model card shows the report). A report.json, report.md or
+    predictions.jsonl there that no evaluation wrote is refused. An earlier evaluation's files (its report.json says so)
+    are written over: a rerun."""
     path = lambda name: os.path.join(folder, name)  # noqa: E731
     mine = set()
     try:
         with open(path("report.json")) as f:
             settings = json.load(f)["settings"]
         if str(settings["command"]).startswith("python -m evaluation"):
-            mine = {"report.json", "report.md", settings.get("grid", GRID_NAME)}
+            mine = {"report.json", "report.md", PREDICTIONS_NAME, settings.get("grid", GRID_NAME)}
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    if foreign := [name for name in ("report.json", "report.md") if os.path.lexists(path(name)) and name not in mine]:
+    if foreign := [name for name in ("report.json", "report.md", PREDICTIONS_NAME) if os.path.lexists(path(name)) and name not in mine]:
         raise ValueError(f"--output {folder} already holds {' and '.join(foreign)}, which no evaluation wrote and the evaluation "
                          f"would replace: pass another --output, e.g. {path('evaluation')}")
     grid = next((name for name in (GRID_NAME, APART) if not os.path.lexists(path(name)) or name in mine), None)
@@ -292,10 +295,14 @@ def main(argv=None) -> int:
                                  progress=True, **decoding)
     seconds["captioning"] = time.perf_counter() - t
     metrics, samples = {}, [{"model": c, "reference": r} for c, r in zip(captions, d.texts)][:16]
+    predictions = [{"index": i, "model": c, "references": refs} for i, (c, refs) in enumerate(zip(captions, d.references))]
     settings = {}
     if "grounding" in parts:
         t = time.perf_counter()
         metrics |= {f"grounding.{k}": v for k, v in grounding_scores(captions, d.scenes).items()}
+        for row, scene in zip(predictions, d.scenes):
+            row["claims"] = [{"text": row["model"][slice(*c["span"])], "axis": c["axis"], "right": c["right"]}
+                             for c in ground_places(row["model"], scene)]
         seconds["grounding"] = time.perf_counter() - t
     metrics |= {f"repetition.{k}": v for k, v in repetition_scores(captions).items()}
     if "captions" in parts:
@@ -306,6 +313,8 @@ def main(argv=None) -> int:
         metrics |= {f"captions.{k}": v for k, v in scores.items()}
         for sample, cider in zip(samples, per_item["cider_d"]):
             sample["cider_d"] = cider
+        for row, cider in zip(predictions, per_item["cider_d"]):
+            row["cider_d"] = cider
         # Does the model read the image? Shuffled-image loss gap and the share of distinct captions.
         if len(d.images) >= 2:
             metrics |= {f"image_use.{k}": v for k, v in image_gap(model, processor, d.images, d.texts, args.batch_size).items()}
@@ -352,6 +361,8 @@ def main(argv=None) -> int:
     if "judge" in parts:  # a judge server may echo its key back: no file gets it, in any encoding
         report = json.loads(redact(json.dumps(report), os.environ.get(args.judge_api_key_env)))
     write_report(args.output, report, d.images, captions, d.texts, args.grid_size, marks=marks)
+    with open(os.path.join(args.output, PREDICTIONS_NAME), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in predictions)
     if judge_error is not None:
         logger.error("judge failed: %s. The other parts are in %s", judge_error, os.path.join(args.output, "report.json"))
         return 1

@@ -265,12 +265,13 @@ def test_evaluation_into_a_run_folder_keeps_the_runs_samples(saved, tmp_path):
         assert "(evaluation_samples.png)" in (run / "report.md").read_text()
 
 
-def test_evaluation_refuses_a_report_it_did_not_write(saved, tmp_path):
+@pytest.mark.parametrize("name", ["report.md", "predictions.jsonl"])
+def test_evaluation_refuses_a_report_it_did_not_write(saved, tmp_path, name):
     (tmp_path / "eval").mkdir()
-    (tmp_path / "eval" / "report.md").write_text("my notes")
+    (tmp_path / "eval" / name).write_text("my notes")
     status, stderr = command("-m", "evaluation", "--model", saved, "--output", tmp_path / "eval", *EVALUATE)
-    refused(status, stderr, r"--output .*eval already holds report.md, which no evaluation wrote.*: pass another --output", "python -m evaluation")
-    assert (tmp_path / "eval" / "report.md").read_text() == "my notes" and not (tmp_path / "eval" / "report.json").exists()
+    refused(status, stderr, rf"--output .*eval already holds {name}, which no evaluation wrote.*: pass another --output", "python -m evaluation")
+    assert (tmp_path / "eval" / name).read_text() == "my notes" and not (tmp_path / "eval" / "report.json").exists()
 
 
 def test_evaluation_writes_over_its_own_earlier_report(saved, tmp_path):

@@ -23,7 +23,7 @@ import train
 from evaluation import caption_metrics
 from evaluation.caption_metrics import CiderD, caption_scores, tokenize
 from evaluation.cli import main as evaluate_main
-from evaluation.grounding import grounding_scores
+from evaluation.grounding import ground_description, grounding_scores
 from evaluation.judge import CRITERIA, PREFIX_WORDS, SCHEMA, JudgeError, JudgeSettings, judge, mean_ci95, split_prompt
 from evaluation.novelty import RougeNovelty, distinct_n, novelty_scores
 from evaluation.report import format_value, parse_markdown_metrics
@@ -327,8 +327,38 @@ def test_python_m_evaluation_writes_reports_that_agree(tiny_model_dir, tmp_path,
     regrounded = grounding_scores(texts, truth["scene"])
     assert {f"grounding.{k}": v for k, v in regrounded.items()} == {k: v for k, v in metrics.items() if k.startswith("grounding.")}
     assert caption_scores(texts, [[t] for t in truth["text"]], "simple")["cider_d"] == pytest.approx(metrics["captions.cider_d"])
+    # predictions.jsonl: every example, its references, CIDEr-D and graded claims, agreeing with the report
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(6)) and [r["model"] for r in rows] == texts
+    assert [r["references"] for r in rows] == [[t] for t in truth["text"]]
+    assert [r["cider_d"] for r in rows] == [s["cider_d"] for s in report["samples"]]
+    claims = [c for r in rows for c in r["claims"]]
+    assert all(c["text"] in r["model"] for r in rows for c in r["claims"])
+    for axis in ("row", "column", "relation"):
+        assert sum(c["axis"] == axis for c in claims) == sum(ground_description(t, json.loads(s))[f"{axis}_claims"]
+                                                             for t, s in zip(texts, truth["scene"]))
+        assert sum(c["axis"] == axis and c["right"] for c in claims) == sum(ground_description(t, json.loads(s))[f"{axis}_right"]
+                                                                           for t, s in zip(texts, truth["scene"]))
     assert len(report["judge_samples"]) == 4 and all(s["model_scores"] == GOOD for s in report["judge_samples"])
     assert len(server.log) == 8  # 4 completions + 4 references, each graded once
+
+
+def test_predictions_list_every_graded_claim_of_long_descriptions(tiny_model_dir, tmp_path, monkeypatch):
+    """A model that writes the generator's own long descriptions, one with a place flipped: predictions.jsonl lists
+    each claim by its words, right except the flipped one."""
+    from evaluation import cli
+
+    truth = list(scenes.scenes_dataset(4, scenes.VALIDATION_SEED, "long", 32)["text"])
+    flipped = truth[0].replace("on the left", "on the right", 1) if "on the left" in truth[0] else truth[0].replace("on the right", "on the left", 1)
+    assert flipped != truth[0]
+    monkeypatch.setattr(cli, "generate_captions", lambda *args, **kwargs: [flipped, *truth[1:]])
+    assert evaluate_main(["--model", str(tiny_model_dir), "--dataset", "scenes", "--scenes_style", "long", "--num_examples", "4",
+                          "--parts", "grounding", "--train_examples", "0", "--output", str(tmp_path / "eval")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    claims = [c for r in rows for c in r["claims"]]
+    assert len(claims) >= 8 and [c for c in claims if not c["right"]] == [
+        next(c for c in rows[0]["claims"] if c["axis"] == "column" and not c["right"])]
+    assert [c["text"] for c in rows[0]["claims"] if not c["right"]][0] in ("on the right", "on the left")
 
 
 def test_evaluation_on_coco_and_hf_data(tiny_model_dir, tmp_path):
@@ -340,6 +370,8 @@ def test_evaluation_on_coco_and_hf_data(tiny_model_dir, tmp_path):
     assert report["settings"]["parts"] == ["captions", "novelty"] and report["settings"]["num_examples"] == 6
     assert report["metrics"]["novelty.num_training_texts"] == 12 and 0 <= report["metrics"]["captions.cider_d"]
     assert report["samples"][0]["reference"] == "picture 0 caption 0 ."
+    first = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
+    assert first["references"][0] == "picture 0 caption 0 ." and len(first["references"]) > 1 and "claims" not in first
     assert report["settings"]["decoding"] == {"do_sample": False, "num_beams": 1, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
 
     beam = tmp_path / "coco_beam"  # decoding flags over the model's generation_config, recorded in the report
