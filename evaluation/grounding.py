@@ -108,6 +108,24 @@ def parse_mentions(text: str) -> tuple[list[dict], list[dict]]:
     return mentions, [dict(m, count=None) for m in negated.values()]
 
 
+def group_references(text: str) -> list[dict]:
+    """Every word of `text` that refers to a group, in order: the kind noun of each mention that is not negated
+    ("box" in "a small white box") and each sentence-initial "It"/"They" that refers to the last one, as
+    `parse_mentions` reads them; each {"kind", "color", "span": (start, end) characters}. For losses that teach a
+    model what the words it writes refer to (`training.objectives.MentionPlacesObjective`)."""
+    tokens, spans = _token_spans(text)
+    records = {r["index"]: r for r in _mention_records(tokens)}
+    found, last = [], None
+    for i, token in enumerate(tokens):
+        if i in records:
+            last = None if records[i]["negated"] else records[i]
+        elif not (token in ("it", "they") and (i == 0 or tokens[i - 1] in (".", "!", "?"))):
+            continue
+        if last is not None:
+            found.append({"kind": last["kind"], "color": last["color"], "span": spans[i]})
+    return found
+
+
 def _mention_records(tokens: list[str]) -> list[dict]:
     """Every kind noun of `tokens` in order, as `parse_mentions` reads it (kind, color, size, number, count,
     negated), with its token index; before any merging."""
@@ -284,7 +302,7 @@ def parse_places(text: str) -> list[dict]:
     return claims
 
 
-def _group_of(kind: str, color: str | None, scene: dict) -> dict | None:
+def named_group(kind: str, color: str | None, scene: dict) -> dict | None:
     """The group a (kind, color) names: by both, or by kind alone when one group has that kind."""
     same_kind = [g for g in scene["objects"] if g["kind"] == kind]
     if color is not None:
@@ -308,8 +326,8 @@ def ground_places(text: str, scene: dict) -> list[dict]:
     value of its axis, whether the claim would be right had it named that value (for chance levels)."""
     graded = []
     for claim in parse_places(text):
-        group = _group_of(*claim["subject"], scene)
-        other = _group_of(*claim["object"], scene) if claim["object"] else None
+        group = named_group(*claim["subject"], scene)
+        other = named_group(*claim["object"], scene) if claim["object"] else None
         if group is None or (claim["axis"] == "relation" and (other is None or other is group)):
             continue
         right_if = {v: _holds(claim, v, group, other) for v in AXES[claim["axis"]]}

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from evaluation.grounding import (
-    AXES, claim_marks, ground_description, ground_places, grounding_scores, parse_places, repetition_scores,
+    AXES, claim_marks, ground_description, ground_places, group_references, grounding_scores, named_group, parse_places,
+    repetition_scores,
 )
 from evaluation.plots import RIGHT, WRONG, _pieces, plot_caption_grid
 from processing.scenes import (
@@ -154,6 +155,17 @@ def test_a_number_clause_belongs_to_the_last_mention_its_numbers_add_up_to():
     claims = ground_places(text, scene)
     assert [(c["subject"], c["value"], c["right"]) for c in claims] == [
         (("ball", "red"), "bottom", True), (("box", "blue"), "top", True), (("box", "blue"), "bottom", True)]
+
+
+def test_group_references_find_each_naming_word_and_the_pronouns_after_it():
+    text = "I see a small white box. It is on the right. There is no red ball. It is big. They are two blue fish."
+    assert [(r["kind"], r["color"], text[slice(*r["span"])]) for r in group_references(text)] == [
+        ("box", "white", "box"), ("box", "white", "It"), ("fish", "blue", "fish")]  # a negated ball has no "It"
+    for description, scene in described(n=200):  # on the generator's texts every reference names a group of the scene
+        refs = group_references(description)
+        assert refs and all(named_group(r["kind"], r["color"], scene) is not None for r in refs)
+        named = {(g["kind"], g["color"]) for g in scene["objects"]}
+        assert {(r["kind"], r["color"]) for r in refs} == named  # each group is named, so each is referred to
 
 
 def test_claims_about_absent_or_unnamed_groups_are_not_graded():

@@ -442,16 +442,60 @@ def test_aux_grounding_head_trains_but_is_not_released(tmp_path):
     out = tmp_path / "aux"
     run_train("--output_dir", str(out), "--num_train_examples", "64", "--num_validation_examples", "8", "--max_steps", "4",
               "--save_steps", "2", "--eval_strategy", "no", "--aux_grounding_weight", "1.0", "--aux_places_weight", "1.0",
-              "--logging_steps", "2", "--use_cpu")
-    for head in ("aux_grounding_head", "aux_places_head"):
+              "--aux_mention_places_weight", "1.0", "--logging_steps", "2", "--use_cpu")
+    for head in ("aux_grounding_head", "aux_places_head", "aux_mention_places_head"):
         assert any(head in k for k in load_file(out / "checkpoint-4" / "model.safetensors"))
         assert not any(head in k for k in load_file(out / "model.safetensors"))
     logged = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert any(0 < entry.get("aux_places", 0) for entry in logged)  # the places loss ran and was logged
+    assert any(0 < entry.get("aux_mention_places", 0) for entry in logged)  # and the decoder-side one
     from transformers import AutoModelForImageTextToText
 
     model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_mention_places_targets_sit_on_the_naming_words_and_the_loss_learns_them():
+    """The decoder-side places loss: each target sits on a token of the word that names a group (or its It/They) and
+    holds that group's cells and count; a tiny model fits a batch of them (the loss falls by half)."""
+    from processing.collator import NanoVLMCollator
+    from processing.tokenizer import train_tokenizer
+    from training.objectives import MentionPlacesObjective, ObjectiveTargets
+    from transformers import ViTImageProcessorPil
+
+    rows = scenes.scenes_dataset(12, scenes.TRAIN_SEED, "long", 32)
+    examples = [rows[i] for i in range(len(rows))]
+    model_args = training.parse_args(TINY_MODEL)[0]
+    model = NanoVLMForConditionalGeneration(training.model_config(model_args, 300))
+    tokenizer = train_tokenizer(scenes.scene_texts(400, style="long"), vocab_size=300)
+    processor = NanoVLMProcessor(ViTImageProcessorPil(size={"height": 32, "width": 32}), tokenizer,
+                                 num_image_tokens=model.config.num_image_tokens)
+    objective = MentionPlacesObjective(1.0, processor)
+    objective.attach(model)
+    batch = ObjectiveTargets(NanoVLMCollator(processor, max_length=100), [objective])(examples)  # cut: targets past it drop
+    positions, cells, counts = batch["aux_mention_positions"], batch["aux_mention_cells"], batch["aux_mention_counts"]
+    assert (positions >= 0).sum() >= 5 * len(examples)  # a long description names its groups and refers back to them
+    for i, ex in enumerate(examples):
+        scene = json.loads(ex["scene"])
+        for position, cell, count in zip(positions[i], cells[i], counts[i]):
+            if not 0 <= position < batch["input_ids"].shape[1]:
+                continue
+            word = tokenizer.decode(batch["input_ids"][i, position]).strip().lower()  # the word's last token
+            assert word and any(w.endswith(word) for w in ("it", "they", *scenes.KINDS, *scenes.PLURALS.values()))
+            truth = {tuple(float(p in g["places"]) for p in scenes.PLACES): g["count"] for g in scene["objects"]}
+            assert truth[tuple(cell.tolist())] == int(count) + 1
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    inputs = {k: v for k, v in batch.items() if not k.startswith("aux_")}
+    losses = []
+    for _ in range(40):
+        outputs = model(**inputs, output_hidden_states=True)
+        loss = objective.loss(model, outputs.image_hidden_states, {**batch, "decoder_states": outputs.hidden_states[-1]})
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_long_best_recipe_trains_its_model_with_the_places_loss(tmp_path):

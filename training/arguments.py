@@ -108,6 +108,12 @@ class DataArguments:
                   "where that object stands (row and column of the scene), for long descriptions that place things; "
                   "0 = off. Needs a map of visual tokens (pooled or all). The saved model stays a plain captioner"},
     )
+    aux_mention_places_weight: float = field(
+        default=0.0,
+        metadata={"help": "scenes: weight of a training-only loss that makes the decoder say, at each word naming a group "
+                  "(and its It/They), which cells that group stands in and how many it is, so place and relation claims "
+                  "bind to the group named; 0 = off. The saved model stays a plain captioner"},
+    )
     aux_words_weight: float = field(
         default=0.0,
         metadata={"help": "weight of a training-only loss that predicts which content words an image's captions use "

@@ -16,18 +16,20 @@ import torch
 import torch.nn.functional as F
 
 from modeling_nanovlm import NanoVLMConfig
+from evaluation.grounding import group_references, named_group
 from processing import scenes
 from processing.word_targets import word_targets, word_vocabulary
 
 logger = logging.getLogger(__name__)
 
-TRAINING_HEADS = ("aux_grounding_head", "aux_places_head", "aux_words_head", "aux_mim_head")
+TRAINING_HEADS = ("aux_grounding_head", "aux_places_head", "aux_mention_places_head", "aux_words_head", "aux_mim_head")
 
 
 class Objective:
     """A training-only loss: `weight * loss(model, image_tokens, batch)` joins the caption loss."""
 
     name = ""  # logged as aux_<name>
+    reads_text = False  # True: loss() reads the decoder's last hidden states, batch["decoder_states"] (B, T, hidden)
 
     def __init__(self, weight: float):
         self.weight = weight
@@ -123,6 +125,63 @@ class PlacesObjective(Objective):
         return _split_cross_entropy(logits, len(scenes.VERTICAL), rows, columns)  # background tokens are -100
 
 
+class MentionPlacesObjective(Objective):
+    """Scenes (`--aux_mention_places_weight`): at every word of the caption that refers to a group (its kind noun,
+    and a sentence-initial "It"/"They" after it: `evaluation.grounding.group_references`), the decoder's last hidden
+    state says which of the six cells the group's members stand in (BCE per cell) and how many members it has (CE).
+
+    Why: the places loss puts each cell into the visual tokens, but a long description's place and relation
+    claims are written by the decoder, about the group it has just named; its errors are binding errors (a group's
+    places said of another, members merged or miscounted; docs/experiments/scenes.md "Earning the places"). This
+    asks the decoder to hold, at the word that names a group, where that group is and how many it is."""
+
+    name = "mention_places"
+    reads_text = True
+
+    def __init__(self, weight: float, processor):
+        super().__init__(weight)
+        self.tokenizer, self.prefix = processor.tokenizer, processor.num_image_tokens
+        self.counts = len(scenes.PLACES)  # a group has 1..6 members (one a cell)
+
+    def attach(self, model) -> None:
+        model.aux_mention_places_head = torch.nn.Linear(model.config.hidden_size, len(scenes.PLACES) + self.counts)
+
+    def targets(self, examples):
+        rows = []  # per example: [(position in the sequence, cells multi-hot, count - 1)]
+        for ex in examples:
+            scene, text = json.loads(ex["scene"]), ex["text"]
+            offsets = self.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+            found = []
+            for ref in group_references(text):
+                group = named_group(ref["kind"], ref["color"], scene)
+                start, end = ref["span"]
+                token = max((t for t, (a, b) in enumerate(offsets) if a < end and b > start), default=None)  # the word's last
+                if group is None or token is None:
+                    continue
+                cells = [float(p in group["places"]) for p in scenes.PLACES]
+                found.append((self.prefix + token, cells, group["count"] - 1))
+            rows.append(found)
+        width = max(1, max(map(len, rows)))
+        positions = torch.full((len(rows), width), -1)
+        cells = torch.zeros(len(rows), width, len(scenes.PLACES))
+        counts = torch.full((len(rows), width), -100)
+        for i, found in enumerate(rows):
+            for j, (position, multi_hot, count) in enumerate(found):
+                positions[i, j], counts[i, j] = position, count
+                cells[i, j] = torch.tensor(multi_hot)
+        return {"aux_mention_positions": positions, "aux_mention_cells": cells, "aux_mention_counts": counts}
+
+    def loss(self, model, image_tokens, batch):
+        states, positions = batch["decoder_states"], batch["aux_mention_positions"]
+        keep = (positions >= 0) & (positions < states.shape[1])  # a caption cut by --max_length loses its tail
+        if not keep.any():  # no group named in this batch: a zero that still reaches the head (DDP wants every parameter used)
+            return model.aux_mention_places_head(states[:, :1]).sum() * 0.0
+        rows = torch.arange(len(positions), device=states.device)[:, None].expand_as(positions)
+        logits = model.aux_mention_places_head(states[rows[keep], positions[keep]]).float()
+        cells = F.binary_cross_entropy_with_logits(logits[:, : len(scenes.PLACES)], batch["aux_mention_cells"][keep])
+        return cells + F.cross_entropy(logits[:, len(scenes.PLACES):], batch["aux_mention_counts"][keep])
+
+
 class WordsObjective(Objective):
     """Photos (`--aux_words_weight`): from the mean visual token, predict which content words (used
     `--aux_words_min_count`+ times in the training captions, stop words out) the image's captions use;
@@ -210,9 +269,9 @@ class MaskedImageObjective(Objective):
         return ((predicted - target) ** 2).mean(-1)[mask].mean()
 
 
-def objectives_for(model, data_args, train_texts=()) -> list[Objective]:
+def objectives_for(model, data_args, train_texts=(), processor=None) -> list[Objective]:
     """The objectives this run asks for, their heads attached to `model` (the grounding loss is on by default on
-    scenes when the decoder reads a map of visual tokens)."""
+    scenes when the decoder reads a map of visual tokens); `processor` (the run's) places the caption's tokens."""
     grounding = data_args.aux_grounding_weight
     if grounding is None:
         grounding = 1.0 if data_args.dataset == "scenes" and model.config.vision_feature_select != "cls" else 0.0
@@ -225,6 +284,10 @@ def objectives_for(model, data_args, train_texts=()) -> list[Objective]:
         if data_args.dataset != "scenes":
             raise ValueError("--aux_places_weight needs --dataset scenes (it uses the scenes' ground truth)")
         objectives.append(PlacesObjective(data_args.aux_places_weight, model.config))
+    if data_args.aux_mention_places_weight > 0:
+        if data_args.dataset != "scenes":
+            raise ValueError("--aux_mention_places_weight needs --dataset scenes (it uses the scenes' ground truth)")
+        objectives.append(MentionPlacesObjective(data_args.aux_mention_places_weight, processor))
     if data_args.aux_words_weight > 0:
         objectives.append(WordsObjective(data_args.aux_words_weight, train_texts, data_args.aux_words_min_count))
     if data_args.aux_mim_weight > 0:
@@ -237,7 +300,7 @@ def objectives_for(model, data_args, train_texts=()) -> list[Objective]:
 def with_objectives(model, data_args, collator, train_texts=()):
     """(collator, NanoVLMTrainer kwargs) for a run with the objectives it asks for (`objectives_for`): the collator
     adds their targets to each batch; with none, the collator and no kwargs."""
-    objectives = objectives_for(model, data_args, train_texts)
+    objectives = objectives_for(model, data_args, train_texts, collator.processor)
     return (ObjectiveTargets(collator, objectives), {"objectives": objectives}) if objectives else (collator, {})
 
 

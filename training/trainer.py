@@ -88,6 +88,8 @@ class NanoVLMTrainer(Trainer):
                 caption = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
                 loss = loss + self.self_critical.caption_weight * caption
             return (loss, None) if return_outputs else loss
+        if model.training and any(objective.reads_text for objective in self.objectives):
+            inputs["output_hidden_states"] = True
         if self.caption_smoother is not None and model.training and "labels" in inputs:
             loss, outputs = self._smoothed_caption_loss(model, inputs, num_items_in_batch)
         else:
@@ -95,6 +97,8 @@ class NanoVLMTrainer(Trainer):
         if self.objectives and model.training:
             unwrapped = self.accelerator.unwrap_model(model)
             targets["pixel_values"] = inputs["pixel_values"]  # masked-image modelling's target
+            if outputs.hidden_states is not None:  # the decoder's last states, for objectives that read the caption
+                targets["decoder_states"] = outputs.hidden_states[-1]
             for objective in self.objectives:
                 aux = objective.loss(unwrapped, outputs.image_hidden_states, targets)
                 loss = loss + objective.weight * aux / self.args.gradient_accumulation_steps
