@@ -12,7 +12,7 @@ Parts (`--parts`, default: what the data allows): grounding (scenes), captions (
 CIDEr-D against the references), novelty (max ROUGE-1/ROUGE-L against the training texts,
 distinct-1/2), judge (when --judge_model is given). Out: OUTPUT/report.json, OUTPUT/report.md,
 OUTPUT/samples.png, OUTPUT/predictions.jsonl (every example's text beside its references, with its CIDEr-D and, on
-scenes, its graded place and relation claims) and OUTPUT/judge_cache.jsonl. It never replaces a file it did not write: in a folder with
+scenes, its scene and graded place and relation claims) and OUTPUT/judge_cache.jsonl. It never replaces a file it did not write: in a folder with
 a samples.png of its own (a training run's, evaluated with --output RUN) the pictures go to
 OUTPUT/evaluation_samples.png, and a report.json or report.md that no evaluation wrote is refused before anything runs.
 
@@ -301,6 +301,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         metrics |= {f"grounding.{k}": v for k, v in grounding_scores(captions, d.scenes).items()}
         for row, scene in zip(predictions, d.scenes):
+            row["scene"] = scene
             row["claims"] = [{"text": row["model"][slice(*c["span"])], "axis": c["axis"], "right": c["right"]}
                              for c in ground_places(row["model"], scene)]
         seconds["grounding"] = time.perf_counter() - t

@@ -355,6 +355,7 @@ def test_predictions_list_every_graded_claim_of_long_descriptions(tiny_model_dir
     assert evaluate_main(["--model", str(tiny_model_dir), "--dataset", "scenes", "--scenes_style", "long", "--num_examples", "4",
                           "--parts", "grounding", "--train_examples", "0", "--output", str(tmp_path / "eval")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["scene"] for r in rows] == [json.loads(s) for s in scenes.scenes_dataset(4, scenes.VALIDATION_SEED, "long", 32)["scene"]]
     claims = [c for r in rows for c in r["claims"]]
     assert len(claims) >= 8 and [c for c in claims if not c["right"]] == [
         next(c for c in rows[0]["claims"] if c["axis"] == "column" and not c["right"])]

@@ -212,3 +212,25 @@ def test_samples_picture_marks_each_claim_right_or_wrong(tmp_path):
     path = tmp_path / "samples.png"
     plot_caption_grid([render_scene(scene, 64)] * 2, [text, "Wow!"], str(path), references=[text, text], marks=[marks, []])
     assert path.stat().st_size > 10_000
+
+
+def test_claim_errors_split_the_generators_own_claims_and_a_miscounted_one(tmp_path):
+    """experiments.claim_errors on the generator's texts: every form right, every relation one the rules make; a
+    group's "One is up high and one is down low." said of a single object: two claims under one object's "exactly",
+    the one down low wrong."""
+    import json
+
+    from experiments.claim_errors import claim_errors, main
+
+    rows = [{"model": text, "scene": scene} for text, scene in described(n=300)]
+    found = claim_errors(rows)
+    assert {p["accuracy"] for p in found["places"]} == {1.0} and all(r["right"] for r in found["relations"])
+    assert {(p["group"], p["form"]) for p in found["places"]} >= {("one", "all"), ("several", "exactly"), ("several", "some")}
+    assert found["groups_named"]["one"]["share"] == found["groups_named"]["several"]["share"] == 1.0
+    single = {"background": "grass", "objects": [group("ball", "red", "top left")]}
+    wrong = claim_errors([{"model": "I see a red ball. One is up high and one is down low.", "scene": single}])
+    assert [(p["axis"], p["group"], p["form"], p["claims"], p["right"]) for p in wrong["places"]] == [("row", "one", "exactly", 2, 1)]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
+    assert main([str(path), "--output", str(tmp_path / "out.json")]) == 0
+    assert json.loads((tmp_path / "out.json").read_text())[str(path)] == claim_errors(rows[:20])

@@ -1,0 +1,76 @@
+"""Where a long-style model's place and relation claims go wrong, read from an evaluation's predictions.jsonl.
+
+    python -m evaluation --model RUN --dataset scenes --scenes_style long --parts grounding --output EVAL
+    python -m experiments.claim_errors EVAL/predictions.jsonl [MORE.jsonl ...] --output results/long_claim_errors.json
+
+Each graded place claim (`evaluation.grounding.ground_places`) is counted by the group it is about (one object or
+several) and by its form: "all" ("It is on the left.", "They are all up high."), "some" ("They are on the left and
+on the right.") or "exactly" ("One is up high and two are down low."). A form meant for several objects said of
+one object is a count error, not a misread place. Each relation claim is counted by what `scenes.relations` says
+of that pair: a pair it relates otherwise, or one it leaves open (two objects on a diagonal, a group on both
+sides of the other). Also: the share of the scene's groups named, for one object and for several.
+"""
+
+import argparse
+import collections
+import json
+import logging
+
+from evaluation.grounding import ground_places, named_group, parse_mentions
+from processing.scenes import relations
+
+logger = logging.getLogger(__name__)
+
+
+def claim_errors(rows: list[dict]) -> dict:
+    """The tables of this module's docstring for predictions.jsonl `rows` (each with "model" and "scene")."""
+    places = collections.defaultdict(lambda: [0, 0])  # (axis, "one"/"several", form) -> [claims, right]
+    related = collections.Counter()  # (claimed relation, what the rules say of the pair) -> claims
+    named = collections.defaultdict(lambda: [0, 0])  # "one"/"several" -> [groups, named]
+    for row in rows:
+        text, scene = row["model"], row["scene"]
+        for claim in ground_places(text, scene):
+            group = named_group(*claim["subject"], scene)
+            if claim["axis"] == "relation":
+                truth = sorted(relations(group, named_group(*claim["object"], scene))) or ["none (left open)"]
+                related[claim["value"], " / ".join(truth)] += 1
+                continue
+            key = (claim["axis"], "several" if group["count"] > 1 else "one", claim["quantifier"])
+            places[key][0] += 1
+            places[key][1] += claim["right"]
+        said = {(m["kind"], m["color"]) for m in parse_mentions(text)[0]}
+        for group in scene["objects"]:
+            size = "several" if group["count"] > 1 else "one"
+            named[size][0] += 1
+            named[size][1] += (group["kind"], group["color"]) in said
+    return {
+        "places": [{"axis": axis, "group": size, "form": form, "claims": n, "right": r, "accuracy": r / n}
+                   for (axis, size, form), (n, r) in sorted(places.items())],
+        "relations": [{"claimed": claimed, "rules_say": truth, "claims": n, "right": claimed in truth.split(" / ")}
+                      for (claimed, truth), n in related.most_common()],
+        "groups_named": {size: {"groups": n, "named": k, "share": k / n} for size, (n, k) in sorted(named.items())},
+        "descriptions": len(rows),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("predictions", nargs="+", help="predictions.jsonl files of python -m evaluation on scenes")
+    parser.add_argument("--output", required=True, help="the JSON written: one entry per predictions file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = {}
+    for path in args.predictions:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f]
+        if rows and "scene" not in rows[0]:
+            raise ValueError(f"{path} has no scenes: claim_errors reads python -m evaluation --dataset scenes's predictions")
+        out[path] = claim_errors(rows)
+    with open(args.output, "w") as f:
+        json.dump(out, f, indent=1)
+    logger.info("wrote %s", args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
