@@ -287,6 +287,8 @@ def objectives_for(model, data_args, train_texts=(), processor=None) -> list[Obj
     if data_args.aux_mention_places_weight > 0:
         if data_args.dataset != "scenes":
             raise ValueError("--aux_mention_places_weight needs --dataset scenes (it uses the scenes' ground truth)")
+        if processor is None:
+            raise ValueError("--aux_mention_places_weight places the caption's tokens: pass the run's processor")
         objectives.append(MentionPlacesObjective(data_args.aux_mention_places_weight, processor))
     if data_args.aux_words_weight > 0:
         objectives.append(WordsObjective(data_args.aux_words_weight, train_texts, data_args.aux_words_min_count))
@@ -300,7 +302,7 @@ def objectives_for(model, data_args, train_texts=(), processor=None) -> list[Obj
 def with_objectives(model, data_args, collator, train_texts=()):
     """(collator, NanoVLMTrainer kwargs) for a run with the objectives it asks for (`objectives_for`): the collator
     adds their targets to each batch; with none, the collator and no kwargs."""
-    objectives = objectives_for(model, data_args, train_texts, collator.processor)
+    objectives = objectives_for(model, data_args, train_texts, getattr(collator, "processor", None))
     return (ObjectiveTargets(collator, objectives), {"objectives": objectives}) if objectives else (collator, {})
 
 
