@@ -103,7 +103,10 @@ def train_once(model_args, data_args, training_args):
     max_new_tokens = data_args.max_new_tokens or (110 if data_args.scenes_style == "long" else 48)
     n_eval = max(data_args.num_sample_captions, data_args.eval_metrics_examples if data_args.eval_metrics else 0)
     samples = [validation[i] for i in range(min(n_eval, len(validation)))]
-    if training_args.self_critical_samples:
+    if data_args.language_only:  # the captions alone: no image is read, decoded or augmented
+        train = train.select_columns(["text"])  # (--augment has no image to act on here)
+        collator, extra = NanoVLMCollator(processor, max_length, language_only=True), {}
+    elif training_args.self_critical_samples:
         collator, extra = WithReferences(NanoVLMCollator(processor, max_length)), {
             "self_critical": self_critical_setup(model_args, training_args, processor, train)}
     else:
@@ -113,7 +116,7 @@ def train_once(model_args, data_args, training_args):
                                      data_args.eval_metrics, data_args.num_sample_captions)
     if data_args.captions_per_image > 1:  # one pass of the image tower (and one decode, one augmentation) per photo
         train, extra["train_sampler"] = group_by_photo(train, data_args.captions_per_image, training_args.seed, data_args.augment)
-    elif data_args.augment:
+    elif data_args.augment and not data_args.language_only:
         train = train.with_transform(CaptionAugment(seed=training_args.seed).transform_batch)
     trainer = NanoVLMTrainer(
         model=model,

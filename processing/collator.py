@@ -19,6 +19,10 @@ class NanoVLMCollator:
     `share_images`: consecutive examples holding the same image object (a photo's captions from
     `processing.photo_groups.PhotoGroupTransform`, decoded and augmented once for them) share one row of
     `pixel_values`, and `image_index` says which row each caption reads: the vision tower runs once per photo.
+
+    `language_only`: the texts alone, `<bos> text <eos>` with no image tokens and no `pixel_values` (the image
+    tower does not run), at the positions they hold behind the image tokens (`position_ids` from
+    `num_image_tokens` on), so a decoder trained on them goes on with images where it left off.
     """
 
     processor: NanoVLMProcessor
@@ -26,6 +30,7 @@ class NanoVLMCollator:
     image_column: str = "image"
     text_column: str = "text"
     share_images: bool = False
+    language_only: bool = False
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         tokenizer, prefix = self.processor.tokenizer, self.processor.num_image_tokens
@@ -37,6 +42,11 @@ class NanoVLMCollator:
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         labels[:, : prefix + 1] = -100  # the image tokens and <bos>: inputs, never targets
         batch["labels"] = labels
+        if self.language_only:  # no image tokens; the text keeps the positions it has behind them
+            batch = {k: v[:, prefix:] for k, v in batch.items()}
+            length = batch["input_ids"].shape[1]
+            batch["position_ids"] = torch.arange(prefix, prefix + length).expand(len(examples), length)
+            return batch
         images = [ex[self.image_column] for ex in examples]
         if self.share_images:
             new = [i == 0 or image is not images[i - 1] for i, image in enumerate(images)]

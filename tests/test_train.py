@@ -320,6 +320,46 @@ def test_two_stage_recipe_fine_tunes_its_first_model_and_resumes_each_stage(tmp_
     assert not (tmp_path / "null").exists()  # refused before the first stage trained
 
 
+def test_language_first_recipe_trains_the_decoder_alone_then_the_whole_model(tmp_path):
+    """--language_only: a first stage on the captions alone (no image tokens, no pixel_values: the image tower
+    never runs, so its weights stay as initialised) whose loss falls; the recipe's "then" stage trains the
+    whole model on the images from it. Objectives on the image are refused with the flag."""
+    from processing.collator import NanoVLMCollator
+
+    captions, images = write_coco(tmp_path / "coco", n=8)
+    stage_one = {"dataset": "coco", "caption_file": str(captions), "image_dir": str(images), "validation_fraction": 0.25,
+                 "per_device_train_batch_size": 4, "eval_strategy": "no", "save_strategy": "no", "logging_steps": 5,
+                 "use_cpu": True, "max_steps": 40, "learning_rate": 1e-2, "language_only": True, "augment": True}
+    then = {"language_only": False, "max_steps": 3, "aux_words_weight": 1.0}
+    recipe = tmp_path / "language_first.json"
+    recipe.write_text(json.dumps({**stage_one, "then": then}))
+    out = tmp_path / "run"
+    train.main([*TINY_MODEL, *QUIET, "--recipe", str(recipe), "--output_dir", str(out)])
+
+    history = json.loads((out / "stage-1" / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 8 and losses[-1] < 0.6 * losses[0], losses
+    first = NanoVLMForConditionalGeneration.from_pretrained(out / "stage-1").state_dict()
+    final = NanoVLMForConditionalGeneration.from_pretrained(out).state_dict()
+    norms = [k for k in first if k.startswith("model.vision_tower.") and "norm" in k]
+    assert norms and all(torch.equal(first[k], torch.ones_like(first[k]) if k.endswith("weight") else torch.zeros_like(first[k]))
+                         for k in norms)  # as initialised: the image tower did not run
+    assert any(not torch.equal(first[k], final[k]) for k in norms)  # the stage with images trains it
+    assert metrics(out)["stages"][0]["global_step"] == 40
+
+    processor = NanoVLMProcessor.from_pretrained(out)  # a language-only batch: the image batch's text, same positions
+    rows = [{"image": Image.new("RGB", (32, 32)), "text": text} for text in ("a red ball .", "two small blue boxes on the grass .")]
+    with_images, alone = NanoVLMCollator(processor)(rows), NanoVLMCollator(processor, language_only=True)(rows)
+    prefix = processor.num_image_tokens
+    assert "pixel_values" not in alone and alone["position_ids"][0, 0] == prefix
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(alone[key], with_images[key][:, prefix:]), key
+
+    recipe.write_text(json.dumps({**stage_one, "aux_words_weight": 1.0}))
+    with pytest.raises(ValueError, match="language_only trains the decoder on captions alone"):
+        train.main([*TINY_MODEL, *QUIET, "--recipe", str(recipe), "--output_dir", str(tmp_path / "refused")])
+
+
 def write_imagefolder(folder: Path, n: int, text_column: str) -> Path:
     """An `imagefolder` dataset: n PNGs and a metadata.jsonl captioning them."""
     folder.mkdir()

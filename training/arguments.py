@@ -134,6 +134,12 @@ class DataArguments:
                   "augmented view (1: each caption its own photo pass). The batch size still counts captions: it must be "
                   "a multiple of K. An epoch is one pass over the photos"},
     )
+    language_only: bool = field(
+        default=False,
+        metadata={"help": "train the decoder on the training captions alone: no image goes in and the image tower does "
+                  "not run, so a step costs a fraction of an image step. The texts keep the positions they have behind "
+                  "the visual tokens, so a second stage with images (a recipe's \"then\") goes on from this model"},
+    )
     augment: bool = field(
         default=False,
         metadata={"help": "augment training images: random resized crop, flip (left/right swapped in the caption), "
@@ -194,12 +200,28 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if data_args.eval_metrics == "grounding" and data_args.dataset != "scenes":
         raise ValueError("--eval_metrics grounding needs --dataset scenes (it uses the scenes' ground truth); use cider")
     check_captions_per_image(data_args, training_args)
+    check_language_only(data_args, training_args)
     weights = {"caption": training_args.self_critical_caption_weight, "distinct": training_args.self_critical_distinct_weight}
     if any(weights.values()) and not training_args.self_critical_samples:
         raise ValueError(f"--self_critical_caption_weight and --self_critical_distinct_weight weigh parts of self-critical "
                          f"training (got {weights}): pass --self_critical_samples too, or leave them at 0")
     if min(weights.values()) < 0:
         raise ValueError(f"--self_critical_caption_weight and --self_critical_distinct_weight must be 0 or more, got {weights}")
+
+
+def check_language_only(data_args: DataArguments, training_args: NanoVLMTrainingArguments) -> None:
+    """--language_only trains on the captions alone: nothing that needs the image may go with it."""
+    if not data_args.language_only:
+        return
+    needs_image = {name: getattr(data_args, name) for name in ("aux_grounding_weight", "aux_places_weight",
+                   "aux_mention_places_weight", "aux_words_weight", "aux_mim_weight") if getattr(data_args, name)}
+    if needs_image:
+        raise ValueError(f"--language_only trains the decoder on captions alone, but {needs_image} asks for a training-only "
+                         "objective on the image: set those weights to 0 for this stage (a recipe's \"then\" can turn them "
+                         "back on for the stage with images)")
+    if data_args.captions_per_image > 1 or training_args.self_critical_samples:
+        raise ValueError("--language_only reads no image: --captions_per_image and --self_critical_samples have nothing to "
+                         "act on; leave them out of this stage")
 
 
 def check_captions_per_image(data_args: DataArguments, training_args: NanoVLMTrainingArguments) -> None:

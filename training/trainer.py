@@ -77,7 +77,8 @@ class NanoVLMTrainer(Trainer):
         if model.training and "labels" in inputs:
             # Training rows start with the image tokens, whose next tokens (image, <bos>) are never targets:
             # the LM head and its softmax skip them (the same loss; a 1.12x faster step of recipe 9's model).
-            image_tokens = self.accelerator.unwrap_model(model).config.num_image_tokens
+            # (Captions alone, --language_only, have no image tokens: every position is kept.)
+            image_tokens = self.accelerator.unwrap_model(model).config.num_image_tokens if "pixel_values" in inputs else 0
             inputs["logits_to_keep"] = inputs["input_ids"].shape[1] - image_tokens
         if self.self_critical is not None and model.training:
             loss, reward = self.self_critical.loss(model, self.accelerator.unwrap_model(model), inputs["pixel_values"], references)
