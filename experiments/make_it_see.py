@@ -57,6 +57,8 @@ def run_recipe(path: str, output_root: str, extra: list[str]) -> dict:
         row[key] = metrics.get(key)
     if recipe.get("scenes_style") == "long":  # what a long description says about where things are
         row.update({key: metrics.get(key) for key in LONG_KEYS})
+    if metrics.get("stages"):  # a two-stage recipe: each stage's wall time, steps and samples
+        row["stages"] = metrics["stages"]
     row["sample"] = metrics["samples"][0] if metrics.get("samples") else None
     if recipe.get("dataset") == "coco" and recipe.get("validation_caption_file"):
         row.update(evaluate_photos(recipe, out))

@@ -333,7 +333,7 @@ def test_language_first_recipe_trains_the_decoder_alone_then_the_whole_model(tmp
     then = {"language_only": False, "max_steps": 3, "aux_words_weight": 1.0}
     recipe = tmp_path / "language_first.json"
     recipe.write_text(json.dumps({**stage_one, "then": then}))
-    out = tmp_path / "run"
+    out = tmp_path / "language_first"  # where make_it_see looks for this recipe's run under tmp_path
     train.main([*TINY_MODEL, *QUIET, "--recipe", str(recipe), "--output_dir", str(out)])
 
     history = json.loads((out / "stage-1" / "trainer_state.json").read_text())["log_history"]
@@ -346,6 +346,10 @@ def test_language_first_recipe_trains_the_decoder_alone_then_the_whole_model(tmp
                          for k in norms)  # as initialised: the image tower did not run
     assert any(not torch.equal(first[k], final[k]) for k in norms)  # the stage with images trains it
     assert metrics(out)["stages"][0]["global_step"] == 40
+    from experiments import make_it_see  # the study table keeps each stage's steps and time
+
+    row = make_it_see.run_recipe(str(recipe), str(tmp_path), [])
+    assert [stage["global_step"] for stage in row["stages"]] == [40, 3] and row["wall_seconds"] > row["stages"][0]["wall_seconds"]
 
     processor = NanoVLMProcessor.from_pretrained(out)  # a language-only batch: the image batch's text, same positions
     rows = [{"image": Image.new("RGB", (32, 32)), "text": text} for text in ("a red ball .", "two small blue boxes on the grass .")]
