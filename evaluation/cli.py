@@ -54,7 +54,7 @@ from llm.settings import arg, client_arguments, client_settings
 logger = logging.getLogger(__name__)
 
 PARTS = ("grounding", "captions", "novelty", "judge")
-DATA_SETTINGS = {"scenes": ("scenes_style", "scenes_seed", "train_examples"),
+DATA_SETTINGS = {"scenes": ("scenes_style", "scenes_version", "scenes_seed", "train_examples"),
                  "coco": ("caption_file", "image_dir", "train_caption_file", "train_caption_policy"),
                  "hf": ("data_path", "split", "image_column", "text_column", "references_column")}
 
@@ -108,6 +108,8 @@ class EvaluationArguments:
 class ScenesArguments:
     _argument_group_name = "scenes"
     scenes_style: str = _arg("short", "short or long descriptions", choices=sorted(scenes.WORD_RANGES))
+    scenes_version: int = _arg(scenes.DESCRIPTION_VERSION, "description version of the references and training texts "
+                               "(the model's --scenes_version)", choices=sorted(scenes.DESCRIPTION_VERSIONS))
     scenes_seed: int = _arg(scenes.VALIDATION_SEED, "split seed of the evaluated scenes")
     train_examples: int = _arg(20000, "training scenes whose texts novelty compares against")
 
@@ -173,11 +175,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_data(args, image_size: int) -> EvalData:
     n = args.num_examples
     if args.dataset == "scenes":
-        rows = scenes.scenes_dataset(n or 256, args.scenes_seed, args.scenes_style, image_size)
+        version = args.scenes_version
+        rows = scenes.scenes_dataset(n or 256, args.scenes_seed, args.scenes_style, image_size, version=version)
         texts = rows["text"]
-        return EvalData(rows["image"], texts, [[t] for t in texts], [json.loads(s) for s in rows["scene"]],
-                        scenes.scene_texts(args.train_examples, scenes.TRAIN_SEED, args.scenes_style) if args.train_examples else None,
-                        f"{args.train_examples} training scenes ({args.scenes_style})")
+        train = scenes.scene_texts(args.train_examples, scenes.TRAIN_SEED, args.scenes_style, version) if args.train_examples else None
+        return EvalData(rows["image"], texts, [[t] for t in texts], [json.loads(s) for s in rows["scene"]], train,
+                        f"{args.train_examples} training scenes ({args.scenes_style}, version {version})")
     if args.dataset == "coco":
         rows = data.load_coco_captions(args.caption_file, args.image_dir, "first")
         rows = data.check_images(rows.select(range(min(n or len(rows), len(rows)))), "evaluation", False, data.BadImages())

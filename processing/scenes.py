@@ -231,8 +231,10 @@ _CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "be
 
 
 DESCRIPTION_VERSIONS = {1: "the first descriptions (no relation sentences)",
-                        2: "the long style adds sentences that relate two groups (the short style is version 1's)"}
-DESCRIPTION_VERSION = max(DESCRIPTION_VERSIONS)  # what datasets are built with unless told otherwise
+                        2: "the long style adds sentences that relate two groups (the short style is version 1's)",
+                        3: "the long style relates every pair of groups the rules relate, before any optional detail, so a "
+                           "pair it leaves unrelated is one the rules leave open (the short style is version 1's)"}
+DESCRIPTION_VERSION = 2  # what datasets are built with unless told otherwise
 
 
 def _words(text: str) -> int:
@@ -351,8 +353,10 @@ def describe_scene(scene: dict, style: str, rng: random.Random, version: int = D
     Object sentences come first and are mandatory (every group is named with color and kind);
     optional true sentences (sizes, places, relations between groups in the long style from
     `version` 2, scenery, feelings) are then added greedily up to a random target length, with
-    one-word exclamations last so the count can always be hit. Relation sentences follow every
-    group's own sentences, so both groups they name have been introduced.
+    one-word exclamations last so the count can always be hit. From `version` 3 the long style
+    tries every relation sentence before any other optional sentence, so each pair `relations`
+    relates is stated. Relation sentences follow every group's own sentences, so both groups they
+    name have been introduced.
     """
     if style not in WORD_RANGES:
         raise ValueError(f"style must be one of {sorted(WORD_RANGES)}, got {style!r}")
@@ -378,12 +382,18 @@ def describe_scene(scene: dict, style: str, rng: random.Random, version: int = D
     count_sentence = [f"I see {NUMBER_WORDS[total_objects]} things."] if total_objects > 1 else []
     # candidates: (kind of sentence, (group, detail) index for details, text), in the order tried
     candidates = [("detail", (i, j), d) for i, ds in enumerate(details) for j, d in enumerate(ds)]
+    relation_candidates = []
     if style == "long" and version >= 2:  # version 1 draws nothing here, so its texts stay as they were
-        candidates += [("relation", None, t) for t in _relation_sentences(groups, rng)]
+        relation_candidates = [("relation", None, t) for t in _relation_sentences(groups, rng)]
     others = [("scenery", None, t) for t in scenery] + [("feeling", None, t) for t in feelings]
     others += [("count", None, t) for t in count_sentence]
     if style == "long":
-        rng.shuffle(candidates)
+        if version >= 3:  # every relation first: the data's silence about a pair then means the rules leave it open
+            rng.shuffle(candidates)
+            candidates = relation_candidates + candidates
+        else:  # version 2: relations drawn among the details, so some related pairs go unsaid
+            candidates += relation_candidates
+            rng.shuffle(candidates)
         rng.shuffle(others)
         candidates += others
     else:

@@ -1,5 +1,6 @@
 """Shared fixtures: everything runs offline on the CPU with tiny configs."""
 
+import itertools
 import os
 import socket
 import tempfile
@@ -42,11 +43,28 @@ def toy_image(index: int, size: int = 32) -> Image.Image:
     return image
 
 
+_next_port = itertools.count(os.getpid() % 400)
+
+
 def free_port() -> int:
-    """A local TCP port nothing listens on now (for a test's own server or rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A local TCP port nothing listens on now (for a test's own server or rendezvous).
+
+    Drawn below the kernel's ephemeral range (32768-60999 by default) from a band of 400 ports per pytest-xdist
+    worker, not with bind(0): a port the kernel hands out can be handed again, to another process's outgoing or
+    listening socket, between this check and the server's own bind, and a rank that then reached a stranger's
+    socket instead of its rendezvous waited forever.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    base = 20000 + 400 * (int(worker[2:] or 0) % 30)  # 20000-31999
+    for _ in range(400):
+        port = base + next(_next_port) % 400
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:  # in use, or in TIME_WAIT from an earlier test
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}-{base + 399}")
 
 
 class NanoVLMModelTester:

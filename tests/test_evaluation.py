@@ -362,6 +362,25 @@ def test_predictions_list_every_graded_claim_of_long_descriptions(tiny_model_dir
     assert [c["text"] for c in rows[0]["claims"] if not c["right"]][0] in ("on the right", "on the left")
 
 
+@pytest.mark.parametrize("version", [1, 3])
+def test_scenes_version_picks_the_references_and_training_texts_a_model_was_trained_on(tiny_model_dir, tmp_path, monkeypatch, version):
+    from evaluation import cli
+
+    truth = scenes.scene_texts(4, scenes.VALIDATION_SEED, "long", version)
+    assert truth != scenes.scene_texts(4, scenes.VALIDATION_SEED, "long")  # the default (version 2) differs
+    monkeypatch.setattr(cli, "generate_captions", lambda *args, **kwargs: truth)
+    out = tmp_path / "eval"
+    assert evaluate_main(["--model", str(tiny_model_dir), "--dataset", "scenes", "--scenes_style", "long", "--scenes_version",
+                          str(version), "--num_examples", "4", "--parts", "grounding,novelty", "--train_examples", "30",
+                          "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["references"] for r in rows] == [[t] for t in truth]
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["data"]["scenes_version"] == version
+    assert report["settings"]["novelty_training_texts"] == f"30 training scenes (long, version {version})"
+    assert report["metrics"]["grounding.place_accuracy"] == 1.0
+
+
 def test_evaluation_on_coco_and_hf_data(tiny_model_dir, tmp_path):
     captions, images = write_coco(tmp_path / "coco", n=6)
     out = tmp_path / "coco_eval"

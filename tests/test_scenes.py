@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.grounding import MANY, ground_description, grounding_scores, parse_mentions
+from evaluation.grounding import MANY, ground_description, ground_places, grounding_scores, parse_mentions
 from processing.scenes import (
     BACKGROUNDS, COLORS, DESCRIPTION_VERSION, HORIZONTAL, KINDS, MIN_COLOR_DISTANCE, PLACES, PLURALS, TRAIN_SEED, VALIDATION_SEED,
-    WORD_RANGES, describe_scene, example_seed, make_example, render_scene, sample_scene, scene_from_row, scene_texts, scenes_dataset,
+    WORD_RANGES, describe_scene, example_seed, make_example, relations, render_scene, sample_scene, scene_from_row, scene_texts, scenes_dataset,
     token_labels,
     token_map,
 )
@@ -75,13 +75,44 @@ def test_word_counts_always_in_range(style):
     assert len(set(counts)) > 1  # lengths vary, not one template
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_long_descriptions_with_relation_sentences_keep_60_to_70_words_over_many_seeds(version):
     texts = scene_texts(4000, TRAIN_SEED, "long", version) + scene_texts(2000, VALIDATION_SEED, "long", version)
     counts = [len(t.split()) for t in texts]
     assert WORD_RANGES["long"] == (60, 70) and 60 <= min(counts) and max(counts) <= 70
     related = sum(bool(re.search(r" (left of|right of|above|below|under|next to) the ", t)) for t in texts)
-    assert (related > len(texts) / 5) if version == 2 else related == 0
+    assert (related > len(texts) / 5) if version >= 2 else related == 0
+
+
+def test_version_3_states_every_pair_the_rules_relate_and_version_2_only_some():
+    """Version 3's silence about a pair means the rules leave it open; version 2 leaves related pairs unsaid too."""
+    unsaid = {}
+    for version in (2, 3):
+        examples = [make_example(example_seed(TRAIN_SEED, i), "long", 32, version=version) for i in range(1500)]
+        related = said = 0
+        for ex in examples:
+            claims = [c for c in ground_places(ex["text"], ex["scene"]) if c["axis"] == "relation"]
+            assert all(c["right"] for c in claims)
+            pairs = {frozenset([c["subject"], c["object"]]) for c in claims}
+            groups = ex["scene"]["objects"]
+            for i, a in enumerate(groups):
+                for b in groups[i + 1:]:
+                    if relations(a, b):
+                        related += 1
+                        said += frozenset([(a["kind"], a["color"]), (b["kind"], b["color"])]) in pairs
+        assert related > 500
+        unsaid[version] = related - said
+    assert unsaid[3] == 0 and unsaid[2] > 100, unsaid
+
+
+# sha256 of the first 300 long texts of each split at description version 2: version 3 left them as they were
+VERSION_2_LONG_TEXTS = {TRAIN_SEED: "f904e773a18bb7f6", VALIDATION_SEED: "f710963df8afba75"}
+
+
+@pytest.mark.parametrize("seed", sorted(VERSION_2_LONG_TEXTS))
+def test_version_2_long_texts_rebuild_exactly(seed):
+    digest = hashlib.sha256("\n".join(scene_texts(300, seed, "long", version=2)).encode()).hexdigest()[:16]
+    assert digest == VERSION_2_LONG_TEXTS[seed]
 
 
 # sha256 of the first 300 texts of each split and style, joined by newlines, as generated before the long
@@ -242,7 +273,7 @@ def test_bad_style_raises():
     with pytest.raises(ValueError, match="max_objects"):
         sample_scene(random.Random(0), max_objects=0)
     with pytest.raises(ValueError, match="version must be one of"):
-        describe_scene(scenes(1)[0], "long", random.Random(0), version=3)
+        describe_scene(scenes(1)[0], "long", random.Random(0), version=4)
     with pytest.raises(ValueError, match="version must be one of"):
         scenes_dataset(2, style="long", version=0)
 

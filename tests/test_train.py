@@ -32,14 +32,24 @@ TINY_MODEL = [
 QUIET = ["--num_sample_captions", "0", "--max_new_tokens", "8", "--disable_tqdm", "true"]
 
 
-def run_train(*args, launcher=(sys.executable,), check=True, **popen):
+def run_train(*args, launcher=(sys.executable,), check=True, timeout=450, **popen):
     if "accelerate.commands.launch" in launcher:  # a rendezvous port of its own: launches on parallel workers never meet
         launcher = (*launcher, "--main_process_port", str(free_port()))
+        timeout = min(timeout, 300)  # the tests' launches train a few steps in well under a minute
     cmd = [*launcher, str(ROOT / "train.py"), *TINY_MODEL, *QUIET, *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # A session of its own, so a launch that hangs is killed with every rank it started, and its stderr is shown
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"train.py ran past {timeout} s and was killed with its ranks: {' '.join(cmd)}\n{stderr[-4000:]}")
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
     return result

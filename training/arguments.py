@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, TrainingArguments
 
 from modeling_nanovlm import NanoVLMConfig
+from processing.scenes import DESCRIPTION_VERSION, DESCRIPTION_VERSIONS
 
 from .launch import launch_defaults
 
@@ -77,6 +78,8 @@ class DataArguments:
 
     dataset: str = field(default="scenes", metadata={"help": "scenes, coco or hf"})
     scenes_style: str = field(default="short", metadata={"help": "scenes descriptions: short or long"})
+    scenes_version: int = field(default=DESCRIPTION_VERSION, metadata={"help": "scenes description version (processing.scenes.DESCRIPTION_VERSIONS): "
+                                                     "3 has the long style relate every pair of groups the rules relate"})
     num_train_examples: int = field(default=50000, metadata={"help": "scenes: training examples"})
     num_validation_examples: int = field(default=256, metadata={"help": "validation examples (scenes; cap for others)"})
     caption_file: str | None = field(default=None, metadata={"help": "coco: captions JSON for training"})
@@ -195,6 +198,9 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise ValueError(f"--vocab_size must be between 260 and {MAX_VOCAB:,} (the tokenizer stops at the tokens its training "
                          f"texts give), got {model_args.vocab_size}")
     check_output_dir(training_args.output_dir)
+    if data_args.scenes_version not in DESCRIPTION_VERSIONS:
+        raise ValueError(f"--scenes_version must be one of {sorted(DESCRIPTION_VERSIONS)} ({DESCRIPTION_VERSIONS}), "
+                         f"got {data_args.scenes_version}")
     if data_args.eval_metrics not in (None, "grounding", "cider"):
         raise ValueError(f"--eval_metrics must be grounding or cider, got {data_args.eval_metrics!r}")
     if data_args.eval_metrics == "grounding" and data_args.dataset != "scenes":

@@ -16,8 +16,10 @@ from .model import model_config
 def load_splits(args: DataArguments, image_size: int, seed: int, bad: data.BadImages):
     """(train, validation) datasets with image and text columns (scenes also carry `scene`)."""
     if args.dataset == "scenes":
-        train = scenes.scenes_dataset(args.num_train_examples, scenes.TRAIN_SEED, args.scenes_style, image_size)
-        validation = scenes.scenes_dataset(args.num_validation_examples, scenes.VALIDATION_SEED, args.scenes_style, image_size)
+        version = args.scenes_version
+        train = scenes.scenes_dataset(args.num_train_examples, scenes.TRAIN_SEED, args.scenes_style, image_size, version=version)
+        validation = scenes.scenes_dataset(args.num_validation_examples, scenes.VALIDATION_SEED, args.scenes_style, image_size,
+                                           version=version)
         return train, validation
     if args.dataset == "coco":
         if not args.caption_file or not args.image_dir:
