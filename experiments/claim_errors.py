@@ -7,8 +7,9 @@ Each graded place claim (`evaluation.grounding.ground_places`) is counted by the
 several) and by its form: "all" ("It is on the left.", "They are all up high."), "some" ("They are on the left and
 on the right.") or "exactly" ("One is up high and two are down low."). A form meant for several objects said of
 one object is a count error, not a misread place. Each relation claim is counted by what `scenes.relations` says
-of that pair: a pair it relates otherwise, or one it leaves open (two objects on a diagonal, a group on both
-sides of the other). Also: the share of the scene's groups named, for one object and for several.
+of that pair: a pair it relates otherwise, or one it leaves open, and why (`why_open`: a diagonal, the same rows
+with overlapping columns, or a group standing in both rows). Also: the share of the scene's groups named, for one
+object and for several.
 """
 
 import argparse
@@ -17,9 +18,19 @@ import json
 import logging
 
 from evaluation.grounding import ground_places, named_group, parse_mentions
-from processing.scenes import relations
+from processing.scenes import group_cells, relations
 
 logger = logging.getLogger(__name__)
+
+
+def why_open(a: dict, b: dict) -> str:
+    """Why `scenes.relations` relates neither way two groups it leaves open."""
+    rows_a, rows_b = group_cells(a)[0], group_cells(b)[0]
+    if rows_a == rows_b:
+        return "same rows, columns overlap"  # one group stands on both sides of the other, or they share a column
+    if len(rows_a) == len(rows_b) == 1:
+        return "diagonal"  # one up high, one down low, not in the same set of columns
+    return "a group in both rows"
 
 
 def claim_errors(rows: list[dict]) -> dict:
@@ -32,7 +43,8 @@ def claim_errors(rows: list[dict]) -> dict:
         for claim in ground_places(text, scene):
             group = named_group(*claim["subject"], scene)
             if claim["axis"] == "relation":
-                truth = sorted(relations(group, named_group(*claim["object"], scene))) or ["none (left open)"]
+                other = named_group(*claim["object"], scene)
+                truth = sorted(relations(group, other)) or [f"none ({why_open(group, other)})"]
                 related[claim["value"], " / ".join(truth)] += 1
                 continue
             key = (claim["axis"], "several" if group["count"] > 1 else "one", claim["quantifier"])

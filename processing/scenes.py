@@ -292,7 +292,7 @@ def _details(g: dict, background: str, rng: random.Random, pronoun: bool, size_s
     return out
 
 
-def _cells(g: dict) -> tuple[set[str], set[int]]:
+def group_cells(g: dict) -> tuple[set[str], set[int]]:
     """The rows ("top"/"bottom") and column numbers (0 = left) a group's members stand in."""
     return {p.split()[0] for p in g["places"]}, {HORIZONTAL.index(p.split()[1]) for p in g["places"]}
 
@@ -312,8 +312,8 @@ def relations(a: dict, b: dict) -> set[str]:
     - "next to": `a` and `b` are single objects in the same row in neighbouring columns (groups of more
       than one are never "next to": which member would it be?).
     """
-    rows_a, cols_a = _cells(a)
-    rows_b, cols_b = _cells(b)
+    rows_a, cols_a = group_cells(a)
+    rows_b, cols_b = group_cells(b)
     found = set()
     if rows_a == rows_b:
         if max(cols_a) < min(cols_b):

@@ -230,6 +230,15 @@ def test_claim_errors_split_the_generators_own_claims_and_a_miscounted_one(tmp_p
     single = {"background": "grass", "objects": [group("ball", "red", "top left")]}
     wrong = claim_errors([{"model": "I see a red ball. One is up high and one is down low.", "scene": single}])
     assert [(p["axis"], p["group"], p["form"], p["claims"], p["right"]) for p in wrong["places"]] == [("row", "one", "exactly", 2, 1)]
+    open_pairs = {  # a relation claimed of pairs the rules leave open, each for its reason
+        "diagonal": [group("ball", "red", "top left"), group("box", "blue", "bottom middle")],
+        "same rows, columns overlap": [group("ball", "red", "top left", "top right"), group("box", "blue", "top middle")],
+        "a group in both rows": [group("ball", "red", "top left", "bottom left"), group("box", "blue", "bottom right")],
+    }
+    for why, objects in open_pairs.items():
+        said = claim_errors([{"model": "I see red balls and a blue box. The red balls are left of the blue box.",
+                              "scene": {"background": "grass", "objects": objects}}])["relations"]
+        assert said == [{"claimed": "left of", "rules_say": f"none ({why})", "claims": 1, "right": False}], why
     path = tmp_path / "predictions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
     assert main([str(path), "--output", str(tmp_path / "out.json")]) == 0
