@@ -21,7 +21,8 @@ differences; and the quality of the batch-1 captions of each side: object recall
 scenes' ground truth (`evaluation.grounding.grounding_scores`, `--dataset scenes`), or BLEU-4, ROUGE-L and CIDEr-D
 against the references (`evaluation.caption_metrics.caption_scores`, `--dataset coco`); and int8 minus fp32.
 Images come from the evaluation's own loader (`evaluation.cli.load_data`): the first N validation scenes of the
-model's style (its arguments.json's `scenes_style`), or the first N images of a captions file.
+model's style and description version (its arguments.json's `scenes_style`, `scenes_version`), or the first N
+images of a captions file.
 """
 
 import argparse
@@ -71,13 +72,15 @@ class CheckArguments:
     threads: int = field(default=1, metadata={"help": "torch and onnxruntime threads"})
 
 
-def model_style(model_dir: str) -> str:
-    """The scenes style the model was trained on (train.py's arguments.json), else short."""
+def model_scenes(model_dir: str) -> tuple[str, int]:
+    """The scenes style and description version the model was trained on (train.py's arguments.json), else short
+    and the current version."""
     try:
         with open(os.path.join(model_dir, "arguments.json")) as f:
-            return json.load(f)["data"]["scenes_style"]
+            data = json.load(f)["data"]
+        return data["scenes_style"], data.get("scenes_version", scenes.DESCRIPTION_VERSION)
     except (OSError, ValueError, KeyError, TypeError):
-        return "short"
+        return "short", scenes.DESCRIPTION_VERSION
 
 
 def new_tokens(row, prompt_length: int, eos: set) -> list[int]:
@@ -152,13 +155,14 @@ def main(argv=None):
         raise SystemExit(f"--num_examples must be at least 1 and --batch_size at least 2 (a padded batch); got "
                          f"{args.num_examples} and {args.batch_size}")
     torch.set_num_threads(args.threads)
-    style = args.scenes_style or model_style(args.model_dir)
+    trained_style, version = model_scenes(args.model_dir)
+    style = args.scenes_style or trained_style
     model = NanoVLMForConditionalGeneration.from_pretrained(args.model_dir).eval()
     processor = NanoVLMProcessor.from_pretrained(args.model_dir)
     max_new_tokens = args.max_new_tokens or (110 if args.dataset == "scenes" and style == "long" else 48)
     data = load_data(argparse.Namespace(
         dataset=args.dataset, num_examples=args.num_examples, scenes_seed=args.scenes_seed, scenes_style=style,
-        train_examples=0, caption_file=args.caption_file, image_dir=args.image_dir, train_caption_file=None,
+        scenes_version=version, train_examples=0, caption_file=args.caption_file, image_dir=args.image_dir, train_caption_file=None,
         train_caption_policy="all"), model.config.image_size)
     images = list(data.images)
 
