@@ -162,8 +162,8 @@ def main(argv=None):
     max_new_tokens = args.max_new_tokens or (110 if args.dataset == "scenes" and style == "long" else 48)
     data = load_data(argparse.Namespace(
         dataset=args.dataset, num_examples=args.num_examples, scenes_seed=args.scenes_seed, scenes_style=style,
-        scenes_version=version, train_examples=0, caption_file=args.caption_file, image_dir=args.image_dir, train_caption_file=None,
-        train_caption_policy="all"), model.config.image_size)
+        scenes_version=version, train_examples=0, caption_file=args.caption_file, image_dir=args.image_dir,
+        train_caption_file=None, train_caption_policy="all"), model.config.image_size)
     images = list(data.images)
 
     with tempfile.TemporaryDirectory() as scratch:

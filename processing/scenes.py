@@ -234,7 +234,7 @@ DESCRIPTION_VERSIONS = {1: "the first descriptions (no relation sentences)",
                         2: "the long style adds sentences that relate two groups (the short style is version 1's)",
                         3: "the long style relates every pair of groups the rules relate, before any optional detail, so a "
                            "pair it leaves unrelated is one the rules leave open (the short style is version 1's)"}
-DESCRIPTION_VERSION = 2  # what datasets are built with unless told otherwise
+DESCRIPTION_VERSION = 2  # what datasets are built with unless told otherwise: version 3 trained worse (docs/experiments/scenes.md)
 
 
 def _words(text: str) -> int:
