@@ -496,13 +496,14 @@ def test_aux_grounding_head_trains_but_is_not_released(tmp_path):
     out = tmp_path / "aux"
     run_train("--output_dir", str(out), "--num_train_examples", "64", "--num_validation_examples", "8", "--max_steps", "4",
               "--save_steps", "2", "--eval_strategy", "no", "--aux_grounding_weight", "1.0", "--aux_places_weight", "1.0",
-              "--aux_mention_places_weight", "1.0", "--logging_steps", "2", "--use_cpu")
-    for head in ("aux_grounding_head", "aux_places_head", "aux_mention_places_head"):
+              "--aux_mention_places_weight", "1.0", "--aux_mention_relations_weight", "1.0", "--logging_steps", "2", "--use_cpu")
+    for head in ("aux_grounding_head", "aux_places_head", "aux_mention_places_head", "aux_mention_relations_head"):
         assert any(head in k for k in load_file(out / "checkpoint-4" / "model.safetensors"))
         assert not any(head in k for k in load_file(out / "model.safetensors"))
     logged = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert any(0 < entry.get("aux_places", 0) for entry in logged)  # the places loss ran and was logged
-    assert any(0 < entry.get("aux_mention_places", 0) for entry in logged)  # and the decoder-side one
+    assert any(0 < entry.get("aux_mention_places", 0) for entry in logged)  # and the decoder-side ones
+    assert any(0 < entry.get("aux_mention_relations", 0) for entry in logged)
     from transformers import AutoModelForImageTextToText
 
     model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
@@ -513,21 +514,14 @@ def test_mention_places_targets_sit_on_the_naming_words_and_the_loss_learns_them
     """The decoder-side places loss: each target sits on a token of the word that names a group (or its It/They) and
     holds that group's cells and count; a tiny model fits a batch of them (the loss falls by half)."""
     from processing.collator import NanoVLMCollator
-    from processing.tokenizer import train_tokenizer
     from training.objectives import MentionPlacesObjective, ObjectiveTargets
-    from transformers import ViTImageProcessorPil
 
-    rows = scenes.scenes_dataset(12, scenes.TRAIN_SEED, "long", 32)
-    examples = [rows[i] for i in range(len(rows))]
-    model_args = training.parse_args(TINY_MODEL)[0]
-    model = NanoVLMForConditionalGeneration(training.model_config(model_args, 300))
-    tokenizer = train_tokenizer(scenes.scene_texts(400, style="long"), vocab_size=300)
-    processor = NanoVLMProcessor(ViTImageProcessorPil(size={"height": 32, "width": 32}), tokenizer,
-                                 num_image_tokens=model.config.num_image_tokens)
+    model, processor, examples = _tiny_long_model()
+    tokenizer = processor.tokenizer
     objective = MentionPlacesObjective(1.0, processor)
     objective.attach(model)
     batch = ObjectiveTargets(NanoVLMCollator(processor, max_length=100), [objective])(examples)  # cut: targets past it drop
-    positions, cells, counts = batch["aux_mention_positions"], batch["aux_mention_cells"], batch["aux_mention_counts"]
+    positions, cells, counts = (batch[f"aux_mention_places_{k}"] for k in ("positions", "multi_hot", "classes"))
     assert (positions >= 0).sum() >= 5 * len(examples)  # a long description names its groups and refers back to them
     for i, ex in enumerate(examples):
         scene = json.loads(ex["scene"])
@@ -538,17 +532,69 @@ def test_mention_places_targets_sit_on_the_naming_words_and_the_loss_learns_them
             assert word and any(w.endswith(word) for w in ("it", "they", *scenes.KINDS, *scenes.PLURALS.values()))
             truth = {tuple(float(p in g["places"]) for p in scenes.PLACES): g["count"] for g in scene["objects"]}
             assert truth[tuple(cell.tolist())] == int(count) + 1
+    losses = _fit_decoder_side(model, objective, batch)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _tiny_long_model():
+    """A tiny model, its processor (a tokenizer trained on long-style texts) and 12 long-style scenes rows."""
+    from processing.tokenizer import train_tokenizer
+    from transformers import ViTImageProcessorPil
+
+    rows = scenes.scenes_dataset(12, scenes.TRAIN_SEED, "long", 32)
+    model = NanoVLMForConditionalGeneration(training.model_config(training.parse_args(TINY_MODEL)[0], 300))
+    tokenizer = train_tokenizer(scenes.scene_texts(400, style="long"), vocab_size=300)
+    processor = NanoVLMProcessor(ViTImageProcessorPil(size={"height": 32, "width": 32}), tokenizer,
+                                 num_image_tokens=model.config.num_image_tokens)
+    return model, processor, [rows[i] for i in range(len(rows))]
+
+
+def _fit_decoder_side(model, objective, batch, steps=40):
+    """The losses of `steps` AdamW steps on `objective`'s loss alone over one batch."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     inputs = {k: v for k, v in batch.items() if not k.startswith("aux_")}
     losses = []
-    for _ in range(40):
+    for _ in range(steps):
         outputs = model(**inputs, output_hidden_states=True)
         loss = objective.loss(model, outputs.image_hidden_states, {**batch, "decoder_states": outputs.hidden_states[-1]})
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(loss))
+    return losses
+
+
+def test_mention_relations_targets_say_where_each_relation_partner_stands_and_the_loss_learns_them():
+    """The decoder-side relations loss: at a word naming a group, for each relation, the cells of the groups the
+    named group stands in that relation to, as `scenes.relations` says (a diagonal: none); a tiny model fits them."""
+    from processing.collator import NanoVLMCollator
+    from training.objectives import RELATIONS, MentionRelationsObjective, ObjectiveTargets
+
+    model, processor, examples = _tiny_long_model()
+    objective = MentionRelationsObjective(1.0, processor)
+    objective.attach(model)
+    ball = {"kind": "ball", "color": "red", "count": 1, "places": ["top left"]}
+    tree = {"kind": "tree", "color": "green", "count": 1, "places": ["bottom left"]}
+    box = {"kind": "box", "color": "blue", "count": 1, "places": ["bottom right"]}  # the ball's diagonal
+    scene = {"background": "grass", "objects": [ball, tree, box]}
+    hot, label = objective.target(ball, scene)
+    assert label == -100 and len(hot) == len(RELATIONS) * len(scenes.PLACES)
+    by_relation = {r: {p for p, h in zip(scenes.PLACES, hot[i * 6:(i + 1) * 6]) if h} for i, r in enumerate(RELATIONS)}
+    assert by_relation == {"left of": set(), "right of": set(), "above": {"bottom left"}, "below": set(), "next to": set()}
+    hot = objective.target(box, scene)[0]
+    by_relation = {r: {p for p, h in zip(scenes.PLACES, hot[i * 6:(i + 1) * 6]) if h} for i, r in enumerate(RELATIONS)}
+    assert by_relation == {"left of": set(), "right of": {"bottom left"}, "above": set(), "below": set(), "next to": set()}
+    example = {"scene": json.dumps(scene), "text": "The red ball is above the green tree. It is happy. The blue box is small."}
+    positions, hot, _ = objective.targets([example]).values()
+    words = [processor.tokenizer.decode(processor.tokenizer(example["text"])["input_ids"][p - processor.num_image_tokens])
+             for p in positions[0].tolist()]
+    assert len(words) == 4 and all(w.strip() and n.endswith(w.strip()) for n, w in zip(["ball", "tree", "It", "box"], words))  # last tokens
+    assert hot[0, 0].tolist() == objective.target(ball, scene)[0]
+    assert hot[0, 1].tolist() == hot[0, 2].tolist() == objective.target(tree, scene)[0]  # "It" is the tree
+    batch = ObjectiveTargets(NanoVLMCollator(processor, max_length=100), [objective])(examples)
+    assert batch["aux_mention_relations_multi_hot"].sum() > 0  # the built-in scenes relate some of their groups
+    losses = _fit_decoder_side(model, objective, batch)
     assert losses[-1] < 0.5 * losses[0], losses
 
 

@@ -117,6 +117,13 @@ class DataArguments:
                   "(and its It/They), which cells that group stands in and how many it is, so place and relation claims "
                   "bind to the group named; 0 = off. The saved model stays a plain captioner"},
     )
+    aux_mention_relations_weight: float = field(
+        default=0.0,
+        metadata={"help": "scenes: weight of a training-only loss that makes the decoder say, at each word naming a group "
+                  "(and its It/They), for each relation (left of, right of, above, below, next to) where the groups stand "
+                  "that the named group is in that relation to (none: all zero), so a relation word is written only when "
+                  "a group it fits exists; 0 = off. The saved model stays a plain captioner"},
+    )
     aux_words_weight: float = field(
         default=0.0,
         metadata={"help": "weight of a training-only loss that predicts which content words an image's captions use "
@@ -220,7 +227,8 @@ def check_language_only(data_args: DataArguments, training_args: NanoVLMTraining
     if not data_args.language_only:
         return
     needs_image = {name: getattr(data_args, name) for name in ("aux_grounding_weight", "aux_places_weight",
-                   "aux_mention_places_weight", "aux_words_weight", "aux_mim_weight") if getattr(data_args, name)}
+                   "aux_mention_places_weight", "aux_mention_relations_weight", "aux_words_weight", "aux_mim_weight")
+                  if getattr(data_args, name)}
     if needs_image:
         raise ValueError(f"--language_only trains the decoder on captions alone, but {needs_image} asks for a training-only "
                          "objective on the image: set those weights to 0 for this stage (a recipe's \"then\" can turn them "

@@ -22,7 +22,9 @@ from processing.word_targets import word_targets, word_vocabulary
 
 logger = logging.getLogger(__name__)
 
-TRAINING_HEADS = ("aux_grounding_head", "aux_places_head", "aux_mention_places_head", "aux_words_head", "aux_mim_head")
+TRAINING_HEADS = ("aux_grounding_head", "aux_places_head", "aux_mention_places_head", "aux_mention_relations_head",
+                  "aux_words_head", "aux_mim_head")
+RELATIONS = tuple(scenes.RELATION_PHRASES)  # "left of", "right of", "above", "below", "next to"
 
 
 class Objective:
@@ -137,50 +139,93 @@ class MentionPlacesObjective(Objective):
 
     name = "mention_places"
     reads_text = True
+    multi_hot = len(scenes.PLACES)  # BCE outputs of the head: one per cell
+    classes = len(scenes.PLACES)  # CE outputs after them: the count, 1..6 (one member a cell)
 
     def __init__(self, weight: float, processor):
         super().__init__(weight)
         self.tokenizer, self.prefix = processor.tokenizer, processor.num_image_tokens
-        self.counts = len(scenes.PLACES)  # a group has 1..6 members (one a cell)
+        self.head = f"aux_{self.name}_head"
 
     def attach(self, model) -> None:
-        model.aux_mention_places_head = torch.nn.Linear(model.config.hidden_size, len(scenes.PLACES) + self.counts)
+        setattr(model, self.head, torch.nn.Linear(model.config.hidden_size, self.multi_hot + self.classes))
+
+    def target(self, group: dict, scene: dict) -> tuple[list[float], int]:
+        """What the decoder says at a word naming `group` of `scene`: the multi-hot and the class (-100: none)."""
+        return [float(p in group["places"]) for p in scenes.PLACES], group["count"] - 1
+
+    def mentions(self, example: dict) -> list[tuple[int, dict, dict]]:
+        """(position in the sequence of the word's last token, the group it refers to, the scene) for each word of
+        `example`'s caption that refers to a group of its scene."""
+        scene, text = json.loads(example["scene"]), example["text"]
+        offsets = self.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        found = []
+        for ref in group_references(text):
+            group = named_group(ref["kind"], ref["color"], scene)
+            start, end = ref["span"]
+            token = max((t for t, (a, b) in enumerate(offsets) if a < end and b > start), default=None)  # the word's last
+            if group is not None and token is not None:
+                found.append((self.prefix + token, group, scene))
+        return found
 
     def targets(self, examples):
-        rows = []  # per example: [(position in the sequence, cells multi-hot, count - 1)]
-        for ex in examples:
-            scene, text = json.loads(ex["scene"]), ex["text"]
-            offsets = self.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
-            found = []
-            for ref in group_references(text):
-                group = named_group(ref["kind"], ref["color"], scene)
-                start, end = ref["span"]
-                token = max((t for t, (a, b) in enumerate(offsets) if a < end and b > start), default=None)  # the word's last
-                if group is None or token is None:
-                    continue
-                cells = [float(p in group["places"]) for p in scenes.PLACES]
-                found.append((self.prefix + token, cells, group["count"] - 1))
-            rows.append(found)
+        rows = []
+        for example in examples:
+            mentions, said = self.mentions(example), {}  # a group is often named more than once: one target each
+            for _, group, scene in mentions:
+                if id(group) not in said:
+                    said[id(group)] = self.target(group, scene)
+            rows.append([(position, *said[id(group)]) for position, group, _ in mentions])
         width = max(1, max(map(len, rows)))
         positions = torch.full((len(rows), width), -1)
-        cells = torch.zeros(len(rows), width, len(scenes.PLACES))
-        counts = torch.full((len(rows), width), -100)
+        multi_hot = torch.zeros(len(rows), width, self.multi_hot)
+        classes = torch.full((len(rows), width), -100)
         for i, found in enumerate(rows):
-            for j, (position, multi_hot, count) in enumerate(found):
-                positions[i, j], counts[i, j] = position, count
-                cells[i, j] = torch.tensor(multi_hot)
-        return {"aux_mention_positions": positions, "aux_mention_cells": cells, "aux_mention_counts": counts}
+            for j, (position, hot, label) in enumerate(found):
+                positions[i, j], multi_hot[i, j], classes[i, j] = position, torch.tensor(hot), label
+        return {f"aux_{self.name}_positions": positions, f"aux_{self.name}_multi_hot": multi_hot,
+                f"aux_{self.name}_classes": classes}
 
     def loss(self, model, image_tokens, batch):
-        states, positions = batch["decoder_states"], batch["aux_mention_positions"]
+        states, positions = batch["decoder_states"], batch[f"aux_{self.name}_positions"]
+        head = getattr(model, self.head)
         keep = (positions >= 0) & (positions < states.shape[1])  # a caption cut by --max_length loses its tail
         if not keep.any():  # no group named in this batch: a zero that still reaches the head (DDP wants every parameter used)
-            return model.aux_mention_places_head(states[:, :1]).sum() * 0.0
+            return head(states[:, :1]).sum() * 0.0
         rows = torch.arange(len(positions), device=states.device)[:, None].expand_as(positions)
-        logits = model.aux_mention_places_head(states[rows[keep], positions[keep]]).float()
-        cells = F.binary_cross_entropy_with_logits(logits[:, : len(scenes.PLACES)], batch["aux_mention_cells"][keep])
-        return cells + F.cross_entropy(logits[:, len(scenes.PLACES):], batch["aux_mention_counts"][keep])
+        logits = head(states[rows[keep], positions[keep]]).float()
+        loss = F.binary_cross_entropy_with_logits(logits[:, : self.multi_hot], batch[f"aux_{self.name}_multi_hot"][keep])
+        if self.classes:
+            loss = loss + F.cross_entropy(logits[:, self.multi_hot:], batch[f"aux_{self.name}_classes"][keep])
+        return loss
 
+
+class MentionRelationsObjective(MentionPlacesObjective):
+    """Scenes (`--aux_mention_relations_weight`): at every word of the caption that refers to a group (as
+    `MentionPlacesObjective` finds them), the decoder's last hidden state says, for each relation ("left of", "right
+    of", "above", "below", "next to"), in which cells the groups stand that the named group is in that relation to
+    (`scenes.relations`; all six zero when there is none). BCE per (relation, cell), times the number of relations.
+
+    Why: the long style's relation claims go wrong mostly on diagonals (one group up high, the other down low in
+    other columns) called "above", "below" or "next to" (docs/experiments/scenes.md, `experiments.claim_errors`).
+    The decoder writes the relation word before it names the other group, so at "The red ball is" it must already
+    know whether the ball has a group right below it, and where. This asks for exactly that, at every naming word,
+    "none" included: the caption loss alone sees a relation only when a sentence states one."""
+
+    name = "mention_relations"
+    multi_hot = len(RELATIONS) * len(scenes.PLACES)
+    classes = 0
+
+    def target(self, group, scene):
+        partners = {relation: set() for relation in RELATIONS}
+        for other in scene["objects"]:
+            if other is not group:
+                for relation in scenes.relations(group, other):
+                    partners[relation].update(other["places"])
+        return [float(p in partners[relation]) for relation in RELATIONS for p in scenes.PLACES], -100
+
+    def loss(self, model, image_tokens, batch):
+        return super().loss(model, image_tokens, batch) * len(RELATIONS)  # the mean BCE per relation, summed
 
 class WordsObjective(Objective):
     """Photos (`--aux_words_weight`): from the mean visual token, predict which content words (used
@@ -284,12 +329,14 @@ def objectives_for(model, data_args, train_texts=(), processor=None) -> list[Obj
         if data_args.dataset != "scenes":
             raise ValueError("--aux_places_weight needs --dataset scenes (it uses the scenes' ground truth)")
         objectives.append(PlacesObjective(data_args.aux_places_weight, model.config))
-    if data_args.aux_mention_places_weight > 0:
-        if data_args.dataset != "scenes":
-            raise ValueError("--aux_mention_places_weight needs --dataset scenes (it uses the scenes' ground truth)")
-        if processor is None:
-            raise ValueError("--aux_mention_places_weight places the caption's tokens: pass the run's processor")
-        objectives.append(MentionPlacesObjective(data_args.aux_mention_places_weight, processor))
+    for mention in (MentionPlacesObjective, MentionRelationsObjective):  # the decoder-side losses
+        weight, flag = getattr(data_args, f"aux_{mention.name}_weight"), f"--aux_{mention.name}_weight"
+        if weight > 0:
+            if data_args.dataset != "scenes":
+                raise ValueError(f"{flag} needs --dataset scenes (it uses the scenes' ground truth)")
+            if processor is None:
+                raise ValueError(f"{flag} places the caption's tokens: pass the run's processor")
+            objectives.append(mention(weight, processor))
     if data_args.aux_words_weight > 0:
         objectives.append(WordsObjective(data_args.aux_words_weight, train_texts, data_args.aux_words_min_count))
     if data_args.aux_mim_weight > 0:
