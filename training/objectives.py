@@ -227,6 +227,7 @@ class MentionRelationsObjective(MentionPlacesObjective):
     def loss(self, model, image_tokens, batch):
         return super().loss(model, image_tokens, batch) * len(RELATIONS)  # the mean BCE per relation, summed
 
+
 class WordsObjective(Objective):
     """Photos (`--aux_words_weight`): from the mean visual token, predict which content words (used
     `--aux_words_min_count`+ times in the training captions, stop words out) the image's captions use;
