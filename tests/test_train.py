@@ -580,16 +580,19 @@ def test_mention_relations_targets_say_where_each_relation_partner_stands_and_th
     scene = {"background": "grass", "objects": [ball, tree, box]}
     hot, label = objective.target(ball, scene)
     assert label == -100 and len(hot) == len(RELATIONS) * len(scenes.PLACES)
-    by_relation = {r: {p for p, h in zip(scenes.PLACES, hot[i * 6:(i + 1) * 6]) if h} for i, r in enumerate(RELATIONS)}
-    assert by_relation == {"left of": set(), "right of": set(), "above": {"bottom left"}, "below": set(), "next to": set()}
-    hot = objective.target(box, scene)[0]
-    by_relation = {r: {p for p, h in zip(scenes.PLACES, hot[i * 6:(i + 1) * 6]) if h} for i, r in enumerate(RELATIONS)}
-    assert by_relation == {"left of": set(), "right of": {"bottom left"}, "above": set(), "below": set(), "next to": set()}
+
+    def partners(group):  # the target read back: relation -> the cells it names
+        hot, cells = objective.target(group, scene)[0], len(scenes.PLACES)
+        return {r: {p for p, h in zip(scenes.PLACES, hot[i * cells:(i + 1) * cells]) if h} for i, r in enumerate(RELATIONS)}
+
+    assert partners(ball) == {"left of": set(), "right of": set(), "above": {"bottom left"}, "below": set(), "next to": set()}
+    assert partners(box) == {"left of": set(), "right of": {"bottom left"}, "above": set(), "below": set(), "next to": set()}
     example = {"scene": json.dumps(scene), "text": "The red ball is above the green tree. It is happy. The blue box is small."}
     positions, hot, _ = objective.targets([example]).values()
     words = [processor.tokenizer.decode(processor.tokenizer(example["text"])["input_ids"][p - processor.num_image_tokens])
              for p in positions[0].tolist()]
-    assert len(words) == 4 and all(w.strip() and n.endswith(w.strip()) for n, w in zip(["ball", "tree", "It", "box"], words))  # last tokens
+    words = [w.strip() for w in words]  # each naming word's last token
+    assert len(words) == 4 and all(w and n.endswith(w) for n, w in zip(["ball", "tree", "It", "box"], words))
     assert hot[0, 0].tolist() == objective.target(ball, scene)[0]
     assert hot[0, 1].tolist() == hot[0, 2].tolist() == objective.target(tree, scene)[0]  # "It" is the tree
     batch = ObjectiveTargets(NanoVLMCollator(processor, max_length=100), [objective])(examples)
