@@ -496,7 +496,8 @@ def test_aux_grounding_head_trains_but_is_not_released(tmp_path):
     out = tmp_path / "aux"
     run_train("--output_dir", str(out), "--num_train_examples", "64", "--num_validation_examples", "8", "--max_steps", "4",
               "--save_steps", "2", "--eval_strategy", "no", "--aux_grounding_weight", "1.0", "--aux_places_weight", "1.0",
-              "--aux_mention_places_weight", "1.0", "--aux_mention_relations_weight", "1.0", "--logging_steps", "2", "--use_cpu")
+              "--aux_mention_places_weight", "1.0", "--aux_mention_relations_weight", "1.0", "--aux_mention_layer", "1", "--logging_steps", "2",
+              "--use_cpu")
     for head in ("aux_grounding_head", "aux_places_head", "aux_mention_places_head", "aux_mention_relations_head"):
         assert any(head in k for k in load_file(out / "checkpoint-4" / "model.safetensors"))
         assert not any(head in k for k in load_file(out / "model.safetensors"))
@@ -557,7 +558,7 @@ def _fit_decoder_side(model, objective, batch, steps=40):
     losses = []
     for _ in range(steps):
         outputs = model(**inputs, output_hidden_states=True)
-        loss = objective.loss(model, outputs.image_hidden_states, {**batch, "decoder_states": outputs.hidden_states[-1]})
+        loss = objective.loss(model, outputs.image_hidden_states, {**batch, "decoder_hidden_states": outputs.hidden_states})
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -599,6 +600,28 @@ def test_mention_relations_targets_say_where_each_relation_partner_stands_and_th
     assert batch["aux_mention_relations_multi_hot"].sum() > 0  # the built-in scenes relate some of their groups
     losses = _fit_decoder_side(model, objective, batch)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_mention_layer_reads_that_decoder_layer_so_only_the_layers_below_it_learn_from_the_loss():
+    """--aux_mention_layer k: the decoder-side loss reads the output of decoder layer k, so its gradient reaches the
+    layers up to k and none above; -1 reads the last states (every layer learns); a layer the decoder lacks is refused."""
+    from processing.collator import NanoVLMCollator
+    from training.objectives import MentionRelationsObjective, ObjectiveTargets
+
+    model, processor, examples = _tiny_long_model()  # a decoder of 2 layers
+    for layer, learning in ((1, [True, False]), (-1, [True, True])):
+        objective = MentionRelationsObjective(1.0, processor, layer)
+        objective.attach(model)
+        batch = ObjectiveTargets(NanoVLMCollator(processor, max_length=100), [objective])(examples)
+        outputs = model(**{k: v for k, v in batch.items() if not k.startswith("aux_")}, output_hidden_states=True)
+        model.zero_grad()
+        objective.loss(model, outputs.image_hidden_states, {**batch, "decoder_hidden_states": outputs.hidden_states}).backward()
+        grads = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in layer_.parameters())
+                 for layer_ in model.model.language_model.layers]
+        assert grads == learning, (layer, grads)
+    for layer in (0, 2):
+        with pytest.raises(ValueError, match="--aux_mention_layer must be -1"):
+            MentionRelationsObjective(1.0, processor, layer).attach(model)
 
 
 def test_long_best_recipe_trains_its_model_with_the_places_loss(tmp_path):

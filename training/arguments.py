@@ -124,6 +124,13 @@ class DataArguments:
                   "that the named group is in that relation to (none: all zero), so a relation word is written only when "
                   "a group it fits exists; 0 = off. The saved model stays a plain captioner"},
     )
+    aux_mention_layer: int = field(
+        default=-1,
+        metadata={"help": "which decoder state the decoder-side losses (--aux_mention_places_weight, "
+                  "--aux_mention_relations_weight) read: -1 the last (after the final norm), k = 1 .. num_hidden_layers - 1 "
+                  "the output of decoder layer k. A middle layer's state is what the later words attend to; the last one "
+                  "only feeds the next-token prediction"},
+    )
     aux_words_weight: float = field(
         default=0.0,
         metadata={"help": "weight of a training-only loss that predicts which content words an image's captions use "

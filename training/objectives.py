@@ -31,7 +31,7 @@ class Objective:
     """A training-only loss: `weight * loss(model, image_tokens, batch)` joins the caption loss."""
 
     name = ""  # logged as aux_<name>
-    reads_text = False  # True: loss() reads the decoder's last hidden states, batch["decoder_states"] (B, T, hidden)
+    reads_text = False  # True: loss() reads the decoder's states, batch["decoder_hidden_states"] (each (B, T, hidden))
 
     def __init__(self, weight: float):
         self.weight = weight
@@ -142,12 +142,17 @@ class MentionPlacesObjective(Objective):
     multi_hot = len(scenes.PLACES)  # BCE outputs of the head: one per cell
     classes = len(scenes.PLACES)  # CE outputs after them: the count, 1..6 (one member a cell)
 
-    def __init__(self, weight: float, processor):
+    def __init__(self, weight: float, processor, layer: int = -1):
         super().__init__(weight)
         self.tokenizer, self.prefix = processor.tokenizer, processor.num_image_tokens
         self.head = f"aux_{self.name}_head"
+        self.layer = layer  # the decoder's hidden_states[layer]: -1 the last (normed) states, k the output of layer k
 
     def attach(self, model) -> None:
+        layers = model.config.num_hidden_layers
+        if self.layer != -1 and not 1 <= self.layer < layers:
+            raise ValueError(f"--aux_mention_layer must be -1 (the last decoder state) or a decoder layer 1 .. {layers - 1} "
+                             f"(this decoder has {layers}), got {self.layer}")
         setattr(model, self.head, torch.nn.Linear(model.config.hidden_size, self.multi_hot + self.classes))
 
     def target(self, group: dict, scene: dict) -> tuple[list[float], int]:
@@ -187,7 +192,7 @@ class MentionPlacesObjective(Objective):
                 f"aux_{self.name}_classes": classes}
 
     def loss(self, model, image_tokens, batch):
-        states, positions = batch["decoder_states"], batch[f"aux_{self.name}_positions"]
+        states, positions = batch["decoder_hidden_states"][self.layer], batch[f"aux_{self.name}_positions"]
         head = getattr(model, self.head)
         keep = (positions >= 0) & (positions < states.shape[1])  # a caption cut by --max_length loses its tail
         if not keep.any():  # no group named in this batch: a zero that still reaches the head (DDP wants every parameter used)
@@ -337,7 +342,7 @@ def objectives_for(model, data_args, train_texts=(), processor=None) -> list[Obj
                 raise ValueError(f"{flag} needs --dataset scenes (it uses the scenes' ground truth)")
             if processor is None:
                 raise ValueError(f"{flag} places the caption's tokens: pass the run's processor")
-            objectives.append(mention(weight, processor))
+            objectives.append(mention(weight, processor, data_args.aux_mention_layer))
     if data_args.aux_words_weight > 0:
         objectives.append(WordsObjective(data_args.aux_words_weight, train_texts, data_args.aux_words_min_count))
     if data_args.aux_mim_weight > 0:

@@ -98,8 +98,8 @@ class NanoVLMTrainer(Trainer):
         if self.objectives and model.training:
             unwrapped = self.accelerator.unwrap_model(model)
             targets["pixel_values"] = inputs["pixel_values"]  # masked-image modelling's target
-            if outputs.hidden_states is not None:  # the decoder's last states, for objectives that read the caption
-                targets["decoder_states"] = outputs.hidden_states[-1]
+            if outputs.hidden_states is not None:  # the decoder's states, for objectives that read the caption
+                targets["decoder_hidden_states"] = outputs.hidden_states
             for objective in self.objectives:
                 aux = objective.loss(unwrapped, outputs.image_hidden_states, targets)
                 loss = loss + objective.weight * aux / self.args.gradient_accumulation_steps
