@@ -606,7 +606,7 @@ def test_mention_layer_reads_that_decoder_layer_so_only_the_layers_below_it_lear
     """--aux_mention_layer k: the decoder-side loss reads the output of decoder layer k, so its gradient reaches the
     layers up to k and none above; -1 reads the last states (every layer learns); a layer the decoder lacks is refused."""
     from processing.collator import NanoVLMCollator
-    from training.objectives import MentionRelationsObjective, ObjectiveTargets
+    from training.objectives import MentionRelationsObjective, ObjectiveTargets, objectives_for
 
     model, processor, examples = _tiny_long_model()  # a decoder of 2 layers
     for layer, learning in ((1, [True, False]), (-1, [True, True])):
@@ -622,6 +622,9 @@ def test_mention_layer_reads_that_decoder_layer_so_only_the_layers_below_it_lear
     for layer in (0, 2):
         with pytest.raises(ValueError, match="--aux_mention_layer must be -1"):
             MentionRelationsObjective(1.0, processor, layer).attach(model)
+    data_args = training.parse_args([*TINY_MODEL, "--scenes_style", "long", "--aux_mention_layer", "1"])[1]
+    with pytest.raises(ValueError, match="neither --aux_mention_places_weight nor --aux_mention_relations_weight is on"):
+        objectives_for(model, data_args, processor=processor)
 
 
 def test_long_best_recipe_trains_its_model_with_the_places_loss(tmp_path):

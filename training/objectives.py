@@ -335,7 +335,11 @@ def objectives_for(model, data_args, train_texts=(), processor=None) -> list[Obj
         if data_args.dataset != "scenes":
             raise ValueError("--aux_places_weight needs --dataset scenes (it uses the scenes' ground truth)")
         objectives.append(PlacesObjective(data_args.aux_places_weight, model.config))
-    for mention in (MentionPlacesObjective, MentionRelationsObjective):  # the decoder-side losses
+    mentions = (MentionPlacesObjective, MentionRelationsObjective)  # the decoder-side losses
+    if data_args.aux_mention_layer != -1 and not any(getattr(data_args, f"aux_{m.name}_weight") > 0 for m in mentions):
+        raise ValueError("--aux_mention_layer picks the decoder layer the decoder-side losses read, but neither "
+                         "--aux_mention_places_weight nor --aux_mention_relations_weight is on: set one, or drop the flag")
+    for mention in mentions:
         weight, flag = getattr(data_args, f"aux_{mention.name}_weight"), f"--aux_{mention.name}_weight"
         if weight > 0:
             if data_args.dataset != "scenes":
