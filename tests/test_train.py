@@ -550,15 +550,19 @@ def _tiny_long_model():
     return model, processor, [rows[i] for i in range(len(rows))]
 
 
+def _decoder_side_loss(model, objective, batch):
+    """`objective`'s loss on `batch` (model inputs and its aux_* targets), as the Trainer computes it."""
+    outputs = model(**{k: v for k, v in batch.items() if not k.startswith("aux_")}, output_hidden_states=True)
+    return objective.loss(model, outputs.image_hidden_states, {**batch, "decoder_hidden_states": outputs.hidden_states})
+
+
 def _fit_decoder_side(model, objective, batch, steps=40):
     """The losses of `steps` AdamW steps on `objective`'s loss alone over one batch."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    inputs = {k: v for k, v in batch.items() if not k.startswith("aux_")}
     losses = []
     for _ in range(steps):
-        outputs = model(**inputs, output_hidden_states=True)
-        loss = objective.loss(model, outputs.image_hidden_states, {**batch, "decoder_hidden_states": outputs.hidden_states})
+        loss = _decoder_side_loss(model, objective, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -613,9 +617,8 @@ def test_mention_layer_reads_that_decoder_layer_so_only_the_layers_below_it_lear
         objective = MentionRelationsObjective(1.0, processor, layer)
         objective.attach(model)
         batch = ObjectiveTargets(NanoVLMCollator(processor, max_length=100), [objective])(examples)
-        outputs = model(**{k: v for k, v in batch.items() if not k.startswith("aux_")}, output_hidden_states=True)
         model.zero_grad()
-        objective.loss(model, outputs.image_hidden_states, {**batch, "decoder_hidden_states": outputs.hidden_states}).backward()
+        _decoder_side_loss(model, objective, batch).backward()
         grads = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in layer_.parameters())
                  for layer_ in model.model.language_model.layers]
         assert grads == learning, (layer, grads)
