@@ -67,7 +67,7 @@ FLAG_CASES = [
     ("max_steps -2", ["--max_steps", "-2"], r"--max_steps must be at least 1 \(or -1"),
     ("validation_fraction 1.5", ["--validation_fraction", "1.5"], r"--validation_fraction .* between 0 and 1 .*got 1.5"),
     ("validation_fraction 0", ["--validation_fraction", "0"], r"--validation_fraction .* between 0 and 1 .*got 0"),
-    ("scenes_version 4", ["--scenes_version", "4"], r"--scenes_version must be one of \[1, 2, 3\] .*got 4"),
+    ("scenes_version 5", ["--scenes_version", "5"], r"--scenes_version must be one of \[1, 2, 3, 4\] .*got 5"),
 ]
 
 

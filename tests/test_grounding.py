@@ -12,18 +12,19 @@ from evaluation.grounding import (
 )
 from evaluation.plots import RIGHT, WRONG, _pieces, plot_caption_grid
 from processing.scenes import (
-    COLUMN_PHRASES, GROUND_PHRASES, RELATION_PHRASES, ROW_PHRASES, describe_scene, relations, render_scene, sample_scene,
+    COLUMN_PHRASES, DESCRIPTION_VERSION, GROUND_PHRASES, RELATION_PHRASES, ROW_PHRASES, describe_scene, relations, render_scene,
+    sample_scene,
 )
 
 N = 600
 
 
-def described(style="long", n=N, seed=0):
+def described(style="long", n=N, seed=0, version=DESCRIPTION_VERSION):
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         scene = sample_scene(rng)
-        out.append((describe_scene(scene, style, rng), scene))
+        out.append((describe_scene(scene, style, rng, version), scene))
     return out
 
 
@@ -39,9 +40,9 @@ PLACE_WORDS = [p for ps in ROW_PHRASES.values() for p in ps] + list(GROUND_PHRAS
 SCENERY_WITH_PLACE_WORDS = {"There is snow on the ground.", "The moon is up in the sky."}
 
 
-@pytest.mark.parametrize("style", ["long", "short"])
-def test_the_generators_own_descriptions_score_1_on_every_axis_and_every_place_is_read(style):
-    pairs = described(style)
+@pytest.mark.parametrize("style, version", [("long", 2), ("long", 3), ("long", 4), ("short", 2)])
+def test_the_generators_own_descriptions_score_1_on_every_axis_and_every_place_is_read(style, version):
+    pairs = described(style, version=version)
     texts, truth = zip(*pairs)
     scores = grounding_scores(texts, truth)
     assert scores["place_accuracy"] == scores["place_row_accuracy"] == scores["place_column_accuracy"] == 1.0

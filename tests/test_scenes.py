@@ -75,7 +75,7 @@ def test_word_counts_always_in_range(style):
     assert len(set(counts)) > 1  # lengths vary, not one template
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_long_descriptions_with_relation_sentences_keep_60_to_70_words_over_many_seeds(version):
     texts = scene_texts(4000, TRAIN_SEED, "long", version) + scene_texts(2000, VALIDATION_SEED, "long", version)
     counts = [len(t.split()) for t in texts]
@@ -103,6 +103,24 @@ def test_version_3_states_every_pair_the_rules_relate_and_version_2_only_some():
         assert related > 500
         unsaid[version] = related - said
     assert unsaid[3] == 0 and unsaid[2] > 100, unsaid
+
+
+def test_version_4_says_where_both_groups_stand_before_it_relates_them_and_relates_as_often_as_version_2():
+    """A version 4 relation can be read from the text before it: the rows and columns of both its groups are said
+    first. Version 2 relates groups whose places it never says."""
+    relations_said, unplaced = {}, {}
+    for version in (2, 4):
+        examples = [make_example(example_seed(TRAIN_SEED, i), "long", 32, version=version) for i in range(1500)]
+        relations_said[version] = unplaced[version] = 0
+        for ex in examples:
+            claims = ground_places(ex["text"], ex["scene"])
+            for rel in (c for c in claims if c["axis"] == "relation"):
+                relations_said[version] += 1
+                before = [c for c in claims if c["axis"] != "relation" and c["span"][0] < rel["span"][0]]
+                axes_said = [{c["axis"] for c in before if c["subject"] == g} for g in (rel["subject"], rel["object"])]
+                unplaced[version] += any(axes != {"row", "column"} for axes in axes_said)
+    assert unplaced[4] == 0 and unplaced[2] > relations_said[2] / 4, (unplaced, relations_said)
+    assert relations_said[4] > 0.9 * relations_said[2], relations_said  # not bought by saying fewer relations
 
 
 # sha256 of the first 300 long texts of each split at description version 2: version 3 left them as they were
@@ -273,7 +291,7 @@ def test_bad_style_raises():
     with pytest.raises(ValueError, match="max_objects"):
         sample_scene(random.Random(0), max_objects=0)
     with pytest.raises(ValueError, match="version must be one of"):
-        describe_scene(scenes(1)[0], "long", random.Random(0), version=4)
+        describe_scene(scenes(1)[0], "long", random.Random(0), version=5)
     with pytest.raises(ValueError, match="version must be one of"):
         scenes_dataset(2, style="long", version=0)
 
