@@ -8,8 +8,12 @@ several) and by its form: "all" ("It is on the left.", "They are all up high."),
 on the right.") or "exactly" ("One is up high and two are down low."). A form meant for several objects said of
 one object is a count error, not a misread place. Each relation claim is counted by what `scenes.relations` says
 of that pair: a pair it relates otherwise, or one it leaves open, and why (`why_open`: a diagonal, the same rows
-with overlapping columns, or a group standing in both rows). Also: the share of the scene's groups named, for one
-object and for several.
+with overlapping columns, or a group standing in both rows). Each relation claim is also read against the
+description's own earlier place claims (`against_own_places`): where the text has said a row and a column of both
+groups before it, does the claimed relation follow from the places the text said ("follows") or not
+("contradicts"), split by right and wrong; "unplaced" where it has not. A wrong relation that follows from the
+text's own places is a place error carried into a relation; one that contradicts them is not read from the text.
+Also: the share of the scene's groups named, for one object and for several.
 """
 
 import argparse
@@ -33,19 +37,38 @@ def why_open(a: dict, b: dict) -> str:
     return "a group in both rows"
 
 
+def relation_against_own_places(relation: dict, claims: list[dict], scene: dict) -> str:
+    """ "follows", "contradicts" or "unplaced": `relation` (a claim of `ground_places`) against the rows and columns the
+    same description's place `claims` said of its two groups before it. The rules (`scenes.relations`) read only each
+    group's set of rows, set of columns and count, so the said sets stand for the group (with its true count)."""
+    said = []
+    for subject in (relation["subject"], relation["object"]):
+        before = [c for c in claims if c["axis"] in ("row", "column") and c["subject"] == subject
+                  and c["span"][0] < relation["span"][0]]
+        rows = {c["value"] for c in before if c["axis"] == "row"}
+        columns = {c["value"] for c in before if c["axis"] == "column"}
+        if not rows or not columns:
+            return "unplaced"
+        said.append({"count": named_group(*subject, scene)["count"], "places": [f"{r} {c}" for r in rows for c in columns]})
+    return "follows" if relation["value"] in relations(*said) else "contradicts"
+
+
 def claim_errors(rows: list[dict]) -> dict:
     """The tables of this module's docstring for predictions.jsonl `rows` (each with "model" and "scene")."""
     places = collections.defaultdict(lambda: [0, 0])  # (axis, "one"/"several", form) -> [claims, right]
     related = collections.Counter()  # (claimed relation, what the rules say of the pair) -> claims
     named = collections.defaultdict(lambda: [0, 0])  # "one"/"several" -> [groups, named]
+    own = collections.Counter()  # ("follows"/"contradicts"/"unplaced", "right"/"wrong") -> relation claims
     for row in rows:
         text, scene = row["model"], row["scene"]
-        for claim in ground_places(text, scene):
+        claims = ground_places(text, scene)
+        for claim in claims:
             group = named_group(*claim["subject"], scene)
             if claim["axis"] == "relation":
                 other = named_group(*claim["object"], scene)
                 truth = sorted(relations(group, other)) or [f"none ({why_open(group, other)})"]
                 related[claim["value"], " / ".join(truth)] += 1
+                own[relation_against_own_places(claim, claims, scene), "right" if claim["right"] else "wrong"] += 1
                 continue
             key = (claim["axis"], "several" if group["count"] > 1 else "one", claim["quantifier"])
             places[key][0] += 1
@@ -60,6 +83,8 @@ def claim_errors(rows: list[dict]) -> dict:
                    for (axis, size, form), (n, r) in sorted(places.items())],
         "relations": [{"claimed": claimed, "rules_say": truth, "claims": n, "right": claimed in truth.split(" / ")}
                       for (claimed, truth), n in related.most_common()],
+        "against_own_places": {reading: {verdict: own[reading, verdict] for verdict in ("right", "wrong")}
+                               for reading in ("follows", "contradicts", "unplaced")},
         "groups_named": {size: {"groups": n, "named": k, "share": k / n} for size, (n, k) in sorted(named.items())},
         "descriptions": len(rows),
     }

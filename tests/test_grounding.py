@@ -228,6 +228,22 @@ def test_claim_errors_split_the_generators_own_claims_and_a_miscounted_one(tmp_p
     assert {p["accuracy"] for p in found["places"]} == {1.0} and all(r["right"] for r in found["relations"])
     assert {(p["group"], p["form"]) for p in found["places"]} >= {("one", "all"), ("several", "exactly"), ("several", "some")}
     assert found["groups_named"]["one"]["share"] == found["groups_named"]["several"]["share"] == 1.0
+    placed = claim_errors([{"model": t, "scene": s} for t, s in described(n=300, version=4)])["against_own_places"]
+    assert placed["follows"]["right"] > 30 and sum(placed[r][v] for r in placed for v in placed[r]) == placed["follows"]["right"]
+    mixed = {"background": "grass", "objects": [group("ball", "red", "top left"), group("box", "blue", "top right")]}
+    readings = {  # the text's own places (right or wrong) against the relation it claims
+        "The red ball is up high on the left. The blue box is up high on the right. The red ball is left of the blue box.":
+            ("follows", "right"),
+        "The red ball is up high on the right. The blue box is up high on the left. The red ball is right of the blue box.":
+            ("follows", "wrong"),
+        "The red ball is up high on the left. The blue box is up high on the right. The red ball is right of the blue box.":
+            ("contradicts", "wrong"),
+        "The red ball is on the left. The blue box is up high on the right. The red ball is left of the blue box.":
+            ("unplaced", "right"),
+    }
+    for text, (reading, verdict) in readings.items():
+        counts = claim_errors([{"model": text, "scene": mixed}])["against_own_places"]
+        assert counts[reading][verdict] == 1 and sum(n for r in counts.values() for n in r.values()) == 1, text
     single = {"background": "grass", "objects": [group("ball", "red", "top left")]}
     wrong = claim_errors([{"model": "I see a red ball. One is up high and one is down low.", "scene": single}])
     assert [(p["axis"], p["group"], p["form"], p["claims"], p["right"]) for p in wrong["places"]] == [("row", "one", "exactly", 2, 1)]
