@@ -9,10 +9,11 @@ on the right.") or "exactly" ("One is up high and two are down low."). A form me
 one object is a count error, not a misread place. Each relation claim is counted by what `scenes.relations` says
 of that pair: a pair it relates otherwise, or one it leaves open, and why (`why_open`: a diagonal, the same rows
 with overlapping columns, or a group standing in both rows). Each relation claim is also read against the
-description's own earlier place claims (`against_own_places`): where the text has said a row and a column of both
-groups before it, does the claimed relation follow from the places the text said ("follows") or not
-("contradicts"), split by right and wrong; "unplaced" where it has not. A wrong relation that follows from the
-text's own places is a place error carried into a relation; one that contradicts them is not read from the text.
+description's own earlier place claims (`relation_against_own_places`, the output's "against_own_places"): where
+the text has said a row and a column of both groups before it, does the claimed relation follow from the places
+the text said ("follows") or not ("contradicts"), split by right and wrong; "unplaced" where it has not. A wrong
+relation that follows from the text's own places is a place error carried into a relation; one that contradicts
+them is not read from the text.
 Also: the share of the scene's groups named, for one object and for several.
 """
 
@@ -42,14 +43,15 @@ def relation_against_own_places(relation: dict, claims: list[dict], scene: dict)
     same description's place `claims` said of its two groups before it. The rules (`scenes.relations`) read only each
     group's set of rows, set of columns and count, so the said sets stand for the group (with its true count)."""
     said = []
-    for subject in (relation["subject"], relation["object"]):
-        before = [c for c in claims if c["axis"] in ("row", "column") and c["subject"] == subject
-                  and c["span"][0] < relation["span"][0]]
+    for name in (relation["subject"], relation["object"]):
+        group = named_group(*name, scene)  # "the ball" and "the red ball" are one group where only one ball is red
+        before = [c for c in claims if c["axis"] in ("row", "column") and c["span"][0] < relation["span"][0]
+                  and named_group(*c["subject"], scene) is group]
         rows = {c["value"] for c in before if c["axis"] == "row"}
         columns = {c["value"] for c in before if c["axis"] == "column"}
         if not rows or not columns:
             return "unplaced"
-        said.append({"count": named_group(*subject, scene)["count"], "places": [f"{r} {c}" for r in rows for c in columns]})
+        said.append({"count": group["count"], "places": [f"{r} {c}" for r in rows for c in columns]})
     return "follows" if relation["value"] in relations(*said) else "contradicts"
 
 

@@ -234,8 +234,8 @@ DESCRIPTION_VERSIONS = {1: "the first descriptions (no relation sentences)",
                         2: "the long style adds sentences that relate two groups (the short style is version 1's)",
                         3: "the long style relates every pair of groups the rules relate, before any optional detail, so a "
                            "pair it leaves unrelated is one the rules leave open (the short style is version 1's)",
-                        4: "version 2, but the long style says where every group stands before any other optional "
-                           "sentence, and relates two groups only once it has said where both stand, so the relation can "
+                        4: "the long style says where every group stands before any other optional sentence, then relates "
+                           "two groups (in version 3's order) only where it has said where both stand, so each relation can "
                            "be read from the text before it (the short style is version 1's)"}
 DESCRIPTION_VERSION = 2  # what datasets are built with unless told otherwise: version 3 trained worse (docs/experiments/scenes.md)
 
@@ -360,8 +360,9 @@ def describe_scene(scene: dict, style: str, rng: random.Random, version: int = D
     `version` 2, scenery, feelings) are then added greedily up to a random target length, with
     one-word exclamations last so the count can always be hit. From `version` 3 the long style
     tries every relation sentence before any other optional sentence, so each pair `relations`
-    relates is stated. `version` 4 tries every group's place sentences first and says a relation only
-    once the place sentences of both its groups are said, so the text has said where both stand. Relation sentences follow every group's own
+    relates is stated. `version` 4 tries every group's place sentences first, then the relations (as
+    version 3), and says a relation only where the place sentences of both its groups were said, so the
+    text has said where both stand. Relation sentences follow every group's own
     sentences, so both groups they name have been introduced.
     """
     if style not in WORD_RANGES:
@@ -397,7 +398,7 @@ def describe_scene(scene: dict, style: str, rng: random.Random, version: int = D
         if version >= 3:  # every relation first: the data's silence about a pair then means the rules leave it open
             rng.shuffle(candidates)
             candidates = relation_candidates + candidates
-        else:  # versions 2 and 4: relations drawn among the details, so some related pairs go unsaid
+        else:  # version 2: relations drawn among the details, so some related pairs go unsaid
             candidates += relation_candidates
             rng.shuffle(candidates)
         rng.shuffle(others)
@@ -406,12 +407,12 @@ def describe_scene(scene: dict, style: str, rng: random.Random, version: int = D
         candidates += others
         rng.shuffle(candidates)
     candidates += [("feeling", None, t) for t in rng.sample(_ONE_WORD, k=len(_ONE_WORD))]
-    # version 4: every group's place sentences (those between the optional size sentence and the closing
-    # "I like ..." one) are tried first, and a relation waits until both its groups' are chosen, so the text
-    # says where both stand before it relates them
+    # version 4 (on version 3's order): every group's place sentences (those between the optional size sentence
+    # and the closing "I like ..." one) are tried first, then the relations, and a relation is said only if the
+    # place sentences of both its groups were, so the text says where both stand before it relates them
     place_details = [{(g, j) for j in range(0 if sized else 1, len(ds) - 1)} for g, (ds, sized) in enumerate(zip(details, with_size))]
-    said_details, waiting = set(), []
-    if version >= 4:
+    said_details = set()
+    if style == "long" and version >= 4:
         first = set().union(*place_details)
         candidates = [c for c in candidates if c[0] == "detail" and c[1] in first] + \
                      [c for c in candidates if not (c[0] == "detail" and c[1] in first)]
@@ -420,24 +421,13 @@ def describe_scene(scene: dict, style: str, rng: random.Random, version: int = D
         return version < 4 or cand[0] != "relation" or all(place_details[g] <= said_details for g in cand[1])
 
     total, target, chosen = sum(map(_words, intros)), rng.randint(lo, hi), []
-
-    def choose(cand) -> bool:
-        nonlocal total
-        if total < target and total + _words(cand[2]) <= hi:
-            chosen.append(cand)
-            total += _words(cand[2])
-            if cand[0] == "detail":
-                said_details.add(cand[1])
-            return True
-        return False
-
     for cand in candidates:
         if total >= target:
             break
-        if not placed(cand):
-            waiting.append(cand)
-        elif choose(cand) and cand[0] == "detail" and waiting:
-            waiting = [w for w in waiting if not (placed(w) and choose(w))]
+        if placed(cand) and total + _words(cand[2]) <= hi:
+            chosen.append(cand)
+            total += _words(cand[2])
+            said_details |= {cand[1]} if cand[0] == "detail" else set()
     while total < lo:  # pools are large enough that this never runs; it guards the range promise
         chosen.append(("feeling", None, "Yay!"))
         total += 1

@@ -240,6 +240,8 @@ def test_claim_errors_split_the_generators_own_claims_and_a_miscounted_one(tmp_p
             ("contradicts", "wrong"),
         "The red ball is on the left. The blue box is up high on the right. The red ball is left of the blue box.":
             ("unplaced", "right"),
+        "The ball is up high on the left. The blue box is up high on the right. The red ball is left of the box.":
+            ("follows", "right"),  # one ball, one box: named by kind alone they are the same groups
     }
     for text, (reading, verdict) in readings.items():
         counts = claim_errors([{"model": text, "scene": mixed}])["against_own_places"]
