@@ -237,7 +237,7 @@ DESCRIPTION_VERSIONS = {1: "the first descriptions (no relation sentences)",
                         4: "the long style says where every group stands before any other optional sentence, then relates "
                            "two groups (in version 3's order) only where it has said where both stand, so each relation can "
                            "be read from the text before it (the short style is version 1's)"}
-DESCRIPTION_VERSION = 2  # what datasets are built with unless told otherwise: version 3 trained worse (docs/experiments/scenes.md)
+DESCRIPTION_VERSION = 2  # what datasets are built with unless told otherwise: versions 3 and 4 trained worse (docs/experiments/scenes.md)
 
 
 def _words(text: str) -> int:
@@ -362,8 +362,8 @@ def describe_scene(scene: dict, style: str, rng: random.Random, version: int = D
     tries every relation sentence before any other optional sentence, so each pair `relations`
     relates is stated. `version` 4 tries every group's place sentences first, then the relations (as
     version 3), and says a relation only where the place sentences of both its groups were said, so the
-    text has said where both stand. Relation sentences follow every group's own
-    sentences, so both groups they name have been introduced.
+    text has said where both stand. Relation sentences follow every group's own sentences, so both
+    groups they name have been introduced.
     """
     if style not in WORD_RANGES:
         raise ValueError(f"style must be one of {sorted(WORD_RANGES)}, got {style!r}")
