@@ -414,8 +414,7 @@ def describe_scene(scene: dict, style: str, rng: random.Random, version: int = D
     said_details = set()
     if style == "long" and version >= 4:
         first = set().union(*place_details)
-        candidates = [c for c in candidates if c[0] == "detail" and c[1] in first] + \
-                     [c for c in candidates if not (c[0] == "detail" and c[1] in first)]
+        candidates.sort(key=lambda c: not (c[0] == "detail" and c[1] in first))  # stable: each part keeps its order
 
     def placed(cand) -> bool:
         return version < 4 or cand[0] != "relation" or all(place_details[g] <= said_details for g in cand[1])
@@ -427,7 +426,8 @@ def describe_scene(scene: dict, style: str, rng: random.Random, version: int = D
         if placed(cand) and total + _words(cand[2]) <= hi:
             chosen.append(cand)
             total += _words(cand[2])
-            said_details |= {cand[1]} if cand[0] == "detail" else set()
+            if cand[0] == "detail":
+                said_details.add(cand[1])
     while total < lo:  # pools are large enough that this never runs; it guards the range promise
         chosen.append(("feeling", None, "Yay!"))
         total += 1

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from evaluation.grounding import MANY, ground_description, ground_places, grounding_scores, parse_mentions
+from experiments.claim_errors import relation_against_own_places
 from processing.scenes import (
     BACKGROUNDS, COLORS, DESCRIPTION_VERSION, DESCRIPTION_VERSIONS, HORIZONTAL, KINDS, MIN_COLOR_DISTANCE, PLACES, PLURALS, TRAIN_SEED,
     VALIDATION_SEED,
@@ -118,9 +119,7 @@ def test_version_4_says_where_both_groups_stand_before_it_relates_them_and_relat
             claims = ground_places(ex["text"], ex["scene"])
             for rel in (c for c in claims if c["axis"] == "relation"):
                 said += 1
-                before = [c for c in claims if c["axis"] != "relation" and c["span"][0] < rel["span"][0]]
-                axes_said = [{c["axis"] for c in before if c["subject"] == g} for g in (rel["subject"], rel["object"])]
-                unplaced[version] += any(axes != {"row", "column"} for axes in axes_said)
+                unplaced[version] += relation_against_own_places(rel, claims, ex["scene"]) == "unplaced"
             groups = ex["scene"]["objects"]
             related += sum(bool(relations(a, b)) for i, a in enumerate(groups) for b in groups[i + 1:])
         said_share[version] = said / related
